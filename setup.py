@@ -1,0 +1,39 @@
+"""mmcmae_jax: JAX/Flax reference implementation of M3 (Multi-Modal Contrastive Masked Autoencoders)."""
+from setuptools import find_packages, setup
+
+CORE = [
+    "jax>=0.6",
+    "flax>=0.10",
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11",
+    "grain>=0.2.10",
+    # Only its protos (tf.train.Example) and data-source helpers: TensorFlow itself is never imported.
+    "tensorflow-datasets>=4.9.7",
+    "array-record>=0.7",
+    "ml-collections>=1.0",
+    "einops>=0.8",
+    "chex>=0.1.88",
+    "numpy>=1.26",
+    "pillow>=10",
+    "h5py>=3.10",
+    "google-crc32c>=1.5",
+    "tensorboardX>=2.6",
+    "safetensors>=0.4",
+]
+
+setup(
+    name="mmcmae_jax",
+    version="0.1.0",
+    description="M3: multi-modal contrastive masked autoencoders for RGB-D pre-training, in JAX/Flax",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["mmcmae_jax", "mmcmae_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=CORE,
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        # The PyTorch weight port. Install torch yourself first if you need a particular build
+        # (CPU-only, a CUDA version): pip then keeps it.
+        "torch": ["torch>=2.2", "timm>=1.0"],
+    },
+)

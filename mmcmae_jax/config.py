@@ -1,0 +1,125 @@
+"""Default model and objective configuration, and its validation.
+
+Every default the paper leaves open is a field here (see README, "Our defaults"). Config files under
+`configs/` start from `pretrain_config(stage)` and change what their experiment needs.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+MODALITIES = ("rgb", "depth")
+LOSS_TERMS = ("contrastive", "depth", "rgb", "denoise", "distill")
+
+
+def model_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        variant="B/16",          # ViT size/patch, or WIDTHxDEPTHxHEADS/PATCH for tiny models
+        image_size=224,
+        pos_embed="sincos",      # fixed 2-D sin-cos (MAE, MultiMAE), or "learned"
+        use_cls_token=True,
+        dtype="float32",         # compute dtype; "bfloat16" keeps float32 parameters and losses
+        proj_hidden=2048,        # stage-1 projection head: 2-layer MLP
+        proj_dim=256,
+        decoder_depth=4,         # stage-2 decoder (MultiMAE-light)
+        decoder_width=256,
+        decoder_heads=8,
+    ))
+
+
+def objective_config(stage: int) -> ml_collections.ConfigDict:
+    """Stage 1: patch-level contrastive. Stage 2: masked depth reconstruction + denoising + distillation.
+
+    A loss term is on when its weight is positive, so baselines and ablations are configs:
+      MAE:             inputs=(rgb,),       targets=(rgb,),       denoise=0, distill=0
+      MultiMAE-style:  inputs=(rgb, depth), targets=(rgb, depth), denoise=0, distill=0
+      Mask3D-style:    inputs=(rgb, depth), targets=(depth,),     denoise=0, distill=0
+      M3:              inputs=(rgb, depth), targets=(depth,),     denoise=1, distill=1 (after stage 1)
+    """
+    return ml_collections.ConfigDict(dict(
+        stage=stage,
+        # Stage 1.
+        temperature=0.1,
+        negatives="image",       # "image": other patches of the same frame; "batch": every patch of the batch
+        stage1_mask_ratio=0.0,   # > 0: one mask shared by both modalities, so positives exist on both sides
+        # Stage 2.
+        inputs=MODALITIES,
+        targets=("depth",),
+        mask_ratio=ml_collections.ConfigDict(dict(rgb=0.8, depth=0.8)),
+        mask_mode="independent",  # "independent", "shared", or "dirichlet" (one budget split, MultiMAE)
+        dirichlet_alpha=1.0,
+        sigma_max=1.0,            # noise level, in units of standardised depth
+        sigma_distribution="uniform",  # "uniform" on [0, sigma_max], or "lognormal" clipped at sigma_max
+        sigma_lognormal_mean=-1.2,
+        sigma_lognormal_std=1.2,
+        distill_beta=1.0,         # smooth-L1 threshold
+        weights=ml_collections.ConfigDict(dict(
+            contrastive=1.0 if stage == 1 else 0.0,
+            depth=1.0,            # alpha
+            rgb=1.0,
+            denoise=1.0,          # w_denoise
+            distill=1.0,          # gamma
+        )),
+    ))
+
+
+def pretrain_config(stage: int) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = model_config()
+    config.objective = objective_config(stage)
+    return config
+
+
+def _check(condition: bool, field: str, message: str):
+    if not condition:
+        raise ValueError(f"config.{field}: {message}")
+
+
+def validate_model(model: ml_collections.ConfigDict):
+    from mmcmae_jax.models.vit import parse_variant
+    try:
+        spec = parse_variant(model.variant)
+    except ValueError as err:
+        raise ValueError(f"config.model.variant: {err}") from None
+    _check(model.image_size > 0 and model.image_size % spec.patch_size == 0, "model.image_size",
+           f"{model.image_size} must be a positive multiple of the patch size {spec.patch_size}")
+    _check(model.pos_embed in ("sincos", "learned"), "model.pos_embed", f"{model.pos_embed!r} is not 'sincos' or 'learned'")
+    _check(model.dtype in ("float32", "bfloat16"), "model.dtype", f"{model.dtype!r} is not 'float32' or 'bfloat16'")
+    _check(model.decoder_width % model.decoder_heads == 0, "model.decoder_width",
+           f"{model.decoder_width} is not divisible by decoder_heads={model.decoder_heads}")
+    _check(model.decoder_width % 4 == 0, "model.decoder_width", "must be divisible by 4 (sin-cos positions)")
+    for field in ("proj_hidden", "proj_dim", "decoder_depth", "decoder_heads"):
+        _check(model[field] > 0, f"model.{field}", f"must be positive, got {model[field]}")
+
+
+def validate_objective(obj: ml_collections.ConfigDict):
+    _check(obj.stage in (1, 2), "objective.stage", f"must be 1 or 2, got {obj.stage}")
+    for term in LOSS_TERMS:
+        _check(obj.weights[term] >= 0, f"objective.weights.{term}", f"must be >= 0, got {obj.weights[term]}")
+    if obj.stage == 1:
+        _check(obj.weights.contrastive > 0, "objective.weights.contrastive", "stage 1 trains the contrastive loss")
+        _check(obj.temperature > 0, "objective.temperature", f"must be positive, got {obj.temperature}")
+        _check(obj.negatives in ("image", "batch"), "objective.negatives", f"{obj.negatives!r} is not 'image' or 'batch'")
+        _check(0.0 <= obj.stage1_mask_ratio < 1.0, "objective.stage1_mask_ratio", f"{obj.stage1_mask_ratio} not in [0, 1)")
+        return
+    inputs, targets = tuple(obj.inputs), tuple(obj.targets)
+    _check(len(inputs) > 0 and set(inputs) <= set(MODALITIES), "objective.inputs", f"{inputs} must be a subset of {MODALITIES}")
+    _check(len(targets) > 0 and set(targets) <= set(MODALITIES), "objective.targets", f"{targets} must be a subset of {MODALITIES}")
+    for m in inputs:
+        _check(0.0 <= obj.mask_ratio[m] < 1.0, f"objective.mask_ratio.{m}", f"{obj.mask_ratio[m]} not in [0, 1)")
+    for m in targets:
+        _check(obj.weights[m] > 0, f"objective.weights.{m}", f"target {m!r} is reconstructed, so its weight must be > 0")
+    _check(obj.mask_mode in ("independent", "shared", "dirichlet"), "objective.mask_mode", f"{obj.mask_mode!r} unknown")
+    if obj.weights.denoise > 0:
+        _check("depth" in inputs and "depth" in targets, "objective.weights.denoise",
+               "denoising needs depth as an input and a target")
+        _check(obj.sigma_max > 0, "objective.sigma_max", f"must be positive, got {obj.sigma_max}")
+        _check(obj.sigma_distribution in ("uniform", "lognormal"), "objective.sigma_distribution",
+               f"{obj.sigma_distribution!r} is not 'uniform' or 'lognormal'")
+    _check(obj.distill_beta > 0, "objective.distill_beta", f"must be positive, got {obj.distill_beta}")
+    _check(obj.dirichlet_alpha > 0, "objective.dirichlet_alpha", f"must be positive, got {obj.dirichlet_alpha}")
+
+
+def validate(config: ml_collections.ConfigDict):
+    """Raise ValueError naming the first bad field of a pre-training config."""
+    validate_model(config.model)
+    validate_objective(config.objective)

@@ -1,0 +1,160 @@
+"""A stage is a model and a loss: `make_objective(config)` gives both, for stage 1 or stage 2.
+
+The loss has one signature for every stage, so the trainer never asks which stage it runs:
+
+    loss_fn(params, frozen, batch, rng) -> (loss, metrics)
+
+`params` are trained; `frozen` holds the stage-1 encoders used as distillation teachers (an empty dict
+when there is no teacher) and never receives a gradient. `batch` follows the data contract: `rgb`
+(B,H,W,3) normalised, `depth` (B,H,W,1) standardised, `depth_valid` (B,H,W,1) in {0, 1}.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from mmcmae_jax import losses
+from mmcmae_jax.config import validate
+from mmcmae_jax.models.m3 import CrossModalContrastive, MultiModalMAE, max_pool_tokens
+from mmcmae_jax.models.masking import multimodal_masks, random_mask
+from mmcmae_jax.models.vit import ViTEncoder, drop_cls, parse_variant, patchify
+
+
+class Objective(NamedTuple):
+    model: nn.Module
+    init: Callable  # (rng, batch) -> params
+    loss: Callable  # (params, frozen, batch, rng) -> (loss, metrics)
+    teacher: nn.Module | None  # the encoder module that `frozen` parameterises
+
+
+def _encoder_kwargs(model_cfg) -> dict:
+    return dict(variant=model_cfg.variant, use_cls_token=model_cfg.use_cls_token, pos_embed=model_cfg.pos_embed,
+                image_size=model_cfg.image_size, dtype=jnp.dtype(model_cfg.dtype))
+
+
+def sample_sigma(rng: jax.Array, batch: int, obj: ml_collections.ConfigDict) -> jax.Array:
+    """Per-example noise level sigma (B,): uniform on [0, sigma_max], or log-normal clipped to it."""
+    if obj.sigma_distribution == "uniform":
+        return jax.random.uniform(rng, (batch,), maxval=obj.sigma_max)
+    log_sigma = obj.sigma_lognormal_mean + obj.sigma_lognormal_std * jax.random.normal(rng, (batch,))
+    return jnp.minimum(jnp.exp(log_sigma), obj.sigma_max)
+
+
+def make_objective(config: ml_collections.ConfigDict) -> Objective:
+    validate(config)
+    if config.objective.stage == 1:
+        return _stage1(config.model, config.objective)
+    return _stage2(config.model, config.objective)
+
+
+def _stage1(model_cfg, obj) -> Objective:
+    model = CrossModalContrastive(modalities=("rgb", "depth"), proj_hidden=model_cfg.proj_hidden,
+                                  proj_dim=model_cfg.proj_dim, **_encoder_kwargs(model_cfg))
+    patch = parse_variant(model_cfg.variant).patch_size
+
+    def inputs(batch, rng):
+        images = {"rgb": batch["rgb"], "depth": batch["depth"]}
+        if obj.stage1_mask_ratio == 0.0:
+            return images, None
+        num_patches = (images["rgb"].shape[1] // patch) * (images["rgb"].shape[2] // patch)
+        return images, random_mask(rng, images["rgb"].shape[0], num_patches, obj.stage1_mask_ratio).keep_idx
+
+    def init(rng, batch):
+        return model.init(rng, *inputs(batch, rng))["params"]
+
+    def loss_fn(params, frozen, batch, rng):
+        del frozen  # stage 1 has no teacher
+        out = model.apply({"params": params}, *inputs(batch, rng))
+        contrastive = losses.patch_info_nce(out["z_rgb"], out["z_depth"], obj.temperature, obj.negatives)
+        return obj.weights.contrastive * contrastive, {"contrastive": contrastive}
+
+    return Objective(model, init, loss_fn, None)
+
+
+def _stage2(model_cfg, obj) -> Objective:
+    inputs, targets = tuple(obj.inputs), tuple(obj.targets)
+    denoise, distill = obj.weights.denoise > 0, obj.weights.distill > 0
+    model = MultiModalMAE(modalities=inputs, targets=targets, decoder_depth=model_cfg.decoder_depth,
+                          decoder_width=model_cfg.decoder_width, decoder_heads=model_cfg.decoder_heads,
+                          use_sigma_embedding=denoise, **_encoder_kwargs(model_cfg))
+    teacher = ViTEncoder(**_encoder_kwargs(model_cfg)) if distill else None
+    patch = parse_variant(model_cfg.variant).patch_size
+
+    def forward(params, batch, rng):
+        """Noise the depth, mask every input, run the model. Returns (out, masks, added_noise, sigma)."""
+        rng_mask, rng_sigma, rng_noise = jax.random.split(rng, 3)
+        batch_size, height, width = batch["rgb"].shape[:3]
+        images = {m: batch[m] for m in inputs}
+        sigma = added_noise = None
+        if denoise:
+            sigma = sample_sigma(rng_sigma, batch_size, obj)
+            # Noise only where depth is valid: holes stay holes (0), as the sensor gives them.
+            added_noise = (sigma[:, None, None, None] * jax.random.normal(rng_noise, batch["depth"].shape)
+                           * batch["depth_valid"])
+            images["depth"] = batch["depth"] + added_noise
+        num_patches = (height // patch) * (width // patch)
+        masks = multimodal_masks(rng_mask, batch_size, {m: num_patches for m in inputs},
+                                 {m: obj.mask_ratio[m] for m in inputs}, obj.mask_mode, obj.dirichlet_alpha)
+        return model.apply({"params": params}, images, masks, sigma), masks, added_noise, sigma
+
+    def init(rng, batch):
+        rng_init, rng_fwd = jax.random.split(rng)
+        images = {m: batch[m] for m in inputs}
+        num_patches = (batch["rgb"].shape[1] // patch) * (batch["rgb"].shape[2] // patch)
+        masks = multimodal_masks(rng_fwd, batch["rgb"].shape[0], {m: num_patches for m in inputs},
+                                 {m: obj.mask_ratio[m] for m in inputs}, obj.mask_mode, obj.dirichlet_alpha)
+        sigma = jnp.zeros(batch["rgb"].shape[:1]) if denoise else None
+        return model.init(rng_init, images, masks, sigma)["params"]
+
+    def loss_fn(params, frozen, batch, rng):
+        out, masks, added_noise, sigma = forward(params, batch, rng)
+        batch_size, num_patches = out["pred"][targets[0]].shape[:2]
+        everything = jnp.ones((batch_size, num_patches))  # a target that is no input is hidden everywhere
+        terms = {}
+        if "depth" in targets:
+            depth_valid = patchify(batch["depth_valid"], patch)
+            depth_mask = masks["depth"].mask if "depth" in inputs else everything
+            terms["depth"] = losses.depth_reconstruction_loss(
+                out["pred"]["depth"], patchify(batch["depth"], patch), depth_mask, depth_valid)
+            if denoise:
+                terms["denoise"] = losses.denoising_loss(
+                    out["pred"]["depth"], patchify(added_noise, patch), masks["depth"].mask, depth_valid)
+        if "rgb" in targets:
+            rgb_mask = masks["rgb"].mask if "rgb" in inputs else everything
+            terms["rgb"] = losses.masked_patch_mse(out["pred"]["rgb"], patchify(batch["rgb"], patch), rgb_mask)
+        if distill:
+            terms["distill"] = sum(
+                losses.smooth_l1_distill(out["pooled"][m], _teacher_features(teacher, frozen[f"{m}_encoder"],
+                                                                             batch[m], model_cfg), obj.distill_beta)
+                for m in inputs)
+        loss = sum(obj.weights[name] * value for name, value in terms.items())
+        metrics = dict(terms)
+        if denoise:
+            metrics["sigma_mean"] = jnp.mean(sigma)
+        return loss, metrics
+
+    return Objective(model, init, loss_fn, teacher)
+
+
+def _teacher_features(teacher, teacher_params, clean_images, model_cfg):
+    """Max-pooled output of a frozen stage-1 encoder on the full, clean, unmasked frame."""
+    tokens, _ = teacher.apply({"params": jax.lax.stop_gradient(teacher_params)}, clean_images)
+    return jax.lax.stop_gradient(max_pool_tokens(drop_cls(tokens, model_cfg.use_cls_token)))
+
+
+def teacher_params_from_stage1(stage1_params: dict, inputs=("rgb", "depth")) -> dict:
+    """The frozen teachers of stage 2: the stage-1 encoders, by name."""
+    return {f"{m}_encoder": stage1_params[f"{m}_encoder"] for m in inputs}
+
+
+def init_stage2_from_stage1(stage2_params: dict, stage1_params: dict) -> dict:
+    """Stage 2 starts its encoders from stage 1 (same module names); everything else stays as initialised."""
+    params = dict(stage2_params)
+    for name in params:
+        if name.endswith("_encoder") and name in stage1_params:
+            params[name] = stage1_params[name]
+    return params

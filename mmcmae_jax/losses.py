@@ -49,9 +49,10 @@ def masked_patch_mse(pred: jax.Array, target: jax.Array, patch_weight: jax.Array
     """
     weight = patch_weight.astype(jnp.float32)[..., None]
     weight = weight * (jnp.ones(pred.shape, jnp.float32) if pixel_valid is None else pixel_valid.astype(jnp.float32))
-    squared = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32))
-    # where(), not a product, so a non-finite value at an excluded pixel cannot leak into the loss.
-    total = jnp.sum(jnp.where(weight > 0, squared * weight, 0.0))
+    # where() before squaring, not a product after: a non-finite value at an excluded pixel then reaches
+    # neither the loss nor, through 0 * inf, the gradient.
+    diff = jnp.where(weight > 0, pred.astype(jnp.float32) - target.astype(jnp.float32), 0.0)
+    total = jnp.sum(jnp.square(diff) * weight)
     return total / jnp.maximum(jnp.sum(weight), 1.0)
 
 

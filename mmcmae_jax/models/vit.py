@@ -190,7 +190,8 @@ class ViTEncoder(nn.Module):
         spec = self.spec
         x = PatchEmbed(spec.patch_size, spec.width, self.dtype, name="patch_embed")(images)
         grid_h, grid_w = images.shape[1] // spec.patch_size, images.shape[2] // spec.patch_size
-        x = x + self.patch_pos_embed(grid_h, grid_w).astype(x.dtype)
+        patch_pos, cls_pos = self.position_tables(grid_h, grid_w)
+        x = x + patch_pos.astype(x.dtype)
 
         if keep_idx is not None:  # the masked encoder sees only the kept patches
             x = gather_tokens(x, keep_idx)
@@ -199,7 +200,7 @@ class ViTEncoder(nn.Module):
         if self.use_cls_token:
             cls = self.param("cls_token", nn.initializers.normal(1e-6), (1, 1, spec.width))
             # The cls slot of the position table is zero for sin-cos (MAE); learned tables carry it.
-            cls = cls + self.cls_pos_embed()
+            cls = cls + cls_pos
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, spec.width)).astype(x.dtype), x], 1)
             if key_mask is not None:
                 key_mask = jnp.concatenate([jnp.ones_like(key_mask[:, :1]), key_mask], axis=1)
@@ -209,26 +210,19 @@ class ViTEncoder(nn.Module):
         x = nn.LayerNorm(1e-6, dtype=self.dtype, name="norm")(x)
         return x, intermediates
 
-    def _learned_table(self):
-        spec = self.spec
-        n = (self.image_size // spec.patch_size) ** 2
-        return self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + n, spec.width))
-
-    def patch_pos_embed(self, grid_h, grid_w):
+    def position_tables(self, grid_h, grid_w):
+        """(patch table (1, N, D), cls slot (1, 1, D)). The cls slot of the sin-cos table is zero (MAE)."""
+        width = self.spec.width
         if self.pos_embed == "sincos":
-            return jnp.asarray(sincos_pos_embed_2d(self.spec.width, grid_h, grid_w))[None]
+            return jnp.asarray(sincos_pos_embed_2d(width, grid_h, grid_w))[None], jnp.zeros((1, 1, width))
         if self.pos_embed == "learned":
-            table = self._learned_table()[:, 1:]
-            if table.shape[1] != grid_h * grid_w:
-                raise ValueError(f"learned position table holds {table.shape[1]} patches but the input "
-                                 f"has {grid_h}x{grid_w}; resample it (mmcmae_jax.port) for other sizes")
-            return table
+            n = (self.image_size // self.spec.patch_size) ** 2
+            table = self.param("pos_embed", nn.initializers.normal(0.02), (1, 1 + n, width))
+            if n != grid_h * grid_w:
+                raise ValueError(f"the learned position table holds {n} patches but the input has "
+                                 f"{grid_h}x{grid_w}; set model.image_size or resample it (mmcmae_jax.port)")
+            return table[:, 1:], table[:, :1]
         raise ValueError(f"pos_embed must be 'sincos' or 'learned', got {self.pos_embed!r}")
-
-    def cls_pos_embed(self):
-        if self.pos_embed == "learned":
-            return self._learned_table()[:, :1]
-        return jnp.zeros((1, 1, self.spec.width))
 
 
 def drop_cls(tokens: jax.Array, use_cls_token: bool) -> jax.Array:

@@ -1,0 +1,128 @@
+"""The four losses against independent NumPy computations, and their properties."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmcmae_jax import losses
+
+
+def rel_err(a, b):
+    return abs(float(a) - float(b)) / max(abs(float(b)), 1e-12)
+
+
+def l2n(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def np_info_nce(z_a, z_b, tau):
+    """Loop-based: for each anchor, -log softmax at its positive, both directions, averaged."""
+    total, n_terms = 0.0, 0
+    for a, b in ((z_a, z_b), (z_b, z_a)):
+        for i in range(a.shape[0]):
+            sims = np.array([a[i] @ b[k] for k in range(b.shape[0])], np.float64) / tau
+            total += -(sims[i] - np.log(np.sum(np.exp(sims))))
+            n_terms += 1
+    return total / n_terms
+
+
+@pytest.mark.parametrize("tau", [0.1, 0.5])
+def test_info_nce_per_image_matches_numpy(tau):
+    rng = np.random.default_rng(0)
+    z_rgb, z_depth = l2n(rng.normal(size=(3, 10, 8))), l2n(rng.normal(size=(3, 10, 8)))
+    ours = losses.patch_info_nce(jnp.asarray(z_rgb, jnp.float32), jnp.asarray(z_depth, jnp.float32), tau)
+    expected = np.mean([np_info_nce(z_rgb[b], z_depth[b], tau) for b in range(3)])
+    assert rel_err(ours, expected) < 1e-5
+
+
+def test_info_nce_whole_batch_matches_numpy():
+    rng = np.random.default_rng(1)
+    z_rgb, z_depth = l2n(rng.normal(size=(2, 6, 8))), l2n(rng.normal(size=(2, 6, 8)))
+    ours = losses.patch_info_nce(jnp.asarray(z_rgb, jnp.float32), jnp.asarray(z_depth, jnp.float32), 0.1, "batch")
+    expected = np_info_nce(z_rgb.reshape(12, 8), z_depth.reshape(12, 8), 0.1)
+    assert rel_err(ours, expected) < 1e-5
+
+
+def test_info_nce_equal_similarities_is_log_n():
+    z = jnp.ones((2, 16, 4)) / 2.0  # every pair has the same similarity
+    assert abs(float(losses.patch_info_nce(z, z, 0.1)) - np.log(16)) < 1e-5
+    assert abs(float(losses.patch_info_nce(z, z, 0.1, "batch")) - np.log(32)) < 1e-5
+
+
+def test_info_nce_falls_when_positives_align():
+    rng = np.random.default_rng(2)
+    z = l2n(rng.normal(size=(1, 16, 32)))
+    aligned = losses.patch_info_nce(jnp.asarray(z), jnp.asarray(z), 0.1)
+    shuffled = losses.patch_info_nce(jnp.asarray(z), jnp.asarray(z[:, ::-1]), 0.1)
+    assert float(aligned) < float(shuffled)
+
+
+def np_masked_mse(pred, target, weight, valid):
+    num = den = 0.0
+    for b, i, q in np.ndindex(pred.shape):
+        w = weight[b, i] * valid[b, i, q]
+        num += w * (float(pred[b, i, q]) - float(target[b, i, q])) ** 2
+        den += w
+    return num / den
+
+
+def random_patches(seed, shape=(2, 6, 16)):
+    rng = np.random.default_rng(seed)
+    pred, target = rng.normal(size=shape).astype(np.float32), rng.normal(size=shape).astype(np.float32)
+    mask = (rng.random(shape[:2]) < 0.6).astype(np.float32)
+    valid = (rng.random(shape) < 0.8).astype(np.float32)
+    return pred, target, mask, valid
+
+
+def test_depth_reconstruction_matches_numpy_on_masked_patches():
+    pred, target, mask, valid = random_patches(3)
+    ours = losses.depth_reconstruction_loss(*map(jnp.asarray, (pred, target, mask, valid)))
+    assert rel_err(ours, np_masked_mse(pred, target, mask, valid)) < 1e-5
+
+
+def test_denoising_matches_numpy_on_visible_patches():
+    pred, noise, mask, valid = random_patches(4)
+    ours = losses.denoising_loss(*map(jnp.asarray, (pred, noise, mask, valid)))
+    assert rel_err(ours, np_masked_mse(pred, noise, 1.0 - mask, valid)) < 1e-5
+
+
+@pytest.mark.parametrize("loss_fn", [losses.depth_reconstruction_loss, losses.denoising_loss])
+def test_invalid_pixels_change_neither_loss_nor_gradient(loss_fn):
+    pred, target, mask, valid = map(jnp.asarray, random_patches(5))
+    value_and_grad = jax.value_and_grad(loss_fn)
+    loss, grad = value_and_grad(pred, target, mask, valid)
+    # Arbitrary values, even NaN, where the pixel is invalid: same loss, same gradient.
+    garbage_target = jnp.where(valid > 0, target, jnp.nan)
+    garbage_pred = jnp.where(valid > 0, pred, 1e6)
+    loss2, grad2 = value_and_grad(garbage_pred, garbage_target, mask, valid)
+    assert float(loss) == float(loss2)
+    np.testing.assert_array_equal(grad, grad2)
+    assert np.all(np.asarray(grad)[np.asarray(valid) == 0] == 0)
+
+
+def test_masked_mse_with_nothing_selected_is_zero():
+    pred, target, mask, valid = map(jnp.asarray, random_patches(6))
+    assert float(losses.masked_patch_mse(pred, target, jnp.zeros_like(mask), valid)) == 0.0
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3])
+def test_smooth_l1_matches_numpy(beta):
+    rng = np.random.default_rng(7)
+    student, teacher = rng.normal(size=(4, 32)).astype(np.float32), rng.normal(size=(4, 32)).astype(np.float32)
+    d = (student.astype(np.float64) - teacher)
+    expected = np.mean([0.5 * x * x / beta if abs(x) < beta else abs(x) - 0.5 * beta for x in d.ravel()])
+    assert rel_err(losses.smooth_l1_distill(jnp.asarray(student), jnp.asarray(teacher), beta), expected) < 1e-5
+
+
+def test_smooth_l1_no_gradient_to_teacher_and_bad_beta():
+    student, teacher = jnp.ones((2, 3)), jnp.zeros((2, 3))
+    g_teacher = jax.grad(lambda t: losses.smooth_l1_distill(student, t))(teacher)
+    assert float(jnp.abs(g_teacher).max()) == 0.0
+    with pytest.raises(ValueError, match="beta"):
+        losses.smooth_l1_distill(student, teacher, 0.0)
+
+
+def test_losses_are_float32_under_bfloat16_inputs():
+    pred, target, mask, valid = map(jnp.asarray, random_patches(8))
+    loss = losses.masked_patch_mse(pred.astype(jnp.bfloat16), target.astype(jnp.bfloat16), mask, valid)
+    assert loss.dtype == jnp.float32

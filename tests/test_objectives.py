@@ -1,0 +1,148 @@
+"""Both stages and the baseline objectives: jit forward + backward, gradients, teachers, configs."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmcmae_jax.config import pretrain_config, validate
+from mmcmae_jax.models.m3 import MultiModalMAE
+from mmcmae_jax.models.masking import multimodal_masks
+from mmcmae_jax.objectives import init_stage2_from_stage1, make_objective, teacher_params_from_stage1
+
+
+def tiny_config(stage, **objective):
+    config = pretrain_config(stage)
+    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32,
+                        decoder_depth=1, decoder_width=32, decoder_heads=2)
+    config.objective.update(objective)
+    return config
+
+
+def tiny_batch(seed=0, batch=2, size=32):
+    rng = np.random.default_rng(seed)
+    return dict(rgb=jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
+                depth=jnp.asarray(rng.normal(size=(batch, size, size, 1)), jnp.float32),
+                depth_valid=jnp.asarray(rng.random((batch, size, size, 1)) > 0.2, jnp.float32))
+
+
+@pytest.fixture(scope="module")
+def stage1_params():
+    objective = make_objective(tiny_config(1))
+    return objective.init(jax.random.key(0), tiny_batch())
+
+
+def zero_leaves(grads):
+    return [jax.tree_util.keystr(path) for path, g in jax.tree_util.tree_leaves_with_path(grads)
+            if not np.any(np.asarray(g) != 0)]
+
+
+def check_step(config, frozen):
+    objective = make_objective(config)
+    batch = tiny_batch()
+    params = objective.init(jax.random.key(1), batch)
+    grad_fn = jax.jit(jax.value_and_grad(objective.loss, argnums=(0, 1), has_aux=True))
+    (loss, metrics), (grads, frozen_grads) = grad_fn(params, frozen, batch, jax.random.key(2))
+    assert np.isfinite(float(loss)), metrics
+    assert not zero_leaves(grads), f"parameters without gradient: {zero_leaves(grads)}"
+    for g in jax.tree.leaves(frozen_grads):
+        assert float(jnp.abs(g).max()) == 0.0  # the stage-1 teacher never learns
+    return loss, metrics, params
+
+
+@pytest.mark.parametrize("negatives,mask_ratio", [("image", 0.0), ("batch", 0.5)])
+def test_stage1_jits_and_every_parameter_learns(negatives, mask_ratio):
+    loss, metrics, _ = check_step(tiny_config(1, negatives=negatives, stage1_mask_ratio=mask_ratio), {})
+    assert set(metrics) == {"contrastive"}
+    assert float(loss) > 0
+
+
+def test_m3_stage2_jits_every_parameter_learns_teacher_frozen(stage1_params):
+    frozen = teacher_params_from_stage1(stage1_params)
+    loss, metrics, _ = check_step(tiny_config(2), frozen)
+    assert set(metrics) == {"depth", "denoise", "distill", "sigma_mean"}
+    total = metrics["depth"] + metrics["denoise"] + metrics["distill"]
+    np.testing.assert_allclose(loss, total, rtol=1e-6)  # alpha = w_denoise = gamma = 1
+
+
+BASELINES = {
+    "mae": dict(inputs=("rgb",), targets=("rgb",), weights=dict(denoise=0.0, distill=0.0)),
+    "multimae": dict(inputs=("rgb", "depth"), targets=("rgb", "depth"), weights=dict(denoise=0.0, distill=0.0)),
+    "mask3d": dict(inputs=("rgb", "depth"), targets=("depth",), weights=dict(denoise=0.0, distill=0.0)),
+    "depth_from_rgb": dict(inputs=("rgb",), targets=("depth",), weights=dict(denoise=0.0, distill=0.0)),
+    "m3_no_denoise": dict(weights=dict(denoise=0.0)),
+    "m3_no_distill": dict(weights=dict(distill=0.0)),
+    "m3_dirichlet_lognormal": dict(mask_mode="dirichlet", sigma_distribution="lognormal"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_objectives_are_configurations(name, stage1_params):
+    overrides = dict(BASELINES[name])
+    config = tiny_config(2)
+    config.objective.weights.update(overrides.pop("weights", {}))
+    config.objective.update(overrides)
+    frozen = teacher_params_from_stage1(stage1_params, config.objective.inputs) if config.objective.weights.distill else {}
+    _, metrics, _ = check_step(config, frozen)
+    expected = {t for t in config.objective.targets}
+    expected |= {k for k in ("denoise", "distill") if config.objective.weights[k] > 0}
+    assert expected <= set(metrics)
+
+
+def test_stage2_starts_from_stage1(stage1_params):
+    objective = make_objective(tiny_config(2))
+    params = init_stage2_from_stage1(objective.init(jax.random.key(3), tiny_batch()), stage1_params)
+    chex.assert_trees_all_equal(params["rgb_encoder"], stage1_params["rgb_encoder"])
+    chex.assert_trees_all_equal(params["depth_encoder"], stage1_params["depth_encoder"])
+    assert "decoder" in params and "rgb_proj" not in params
+
+
+def test_masked_depth_does_not_leak_into_prediction():
+    """Changing hidden depth patches changes no prediction: the model sees visible patches only."""
+    model = MultiModalMAE(variant="64x2x2/8", decoder_depth=1, decoder_width=32, decoder_heads=2,
+                          use_sigma_embedding=False)
+    batch = tiny_batch()
+    masks = multimodal_masks(jax.random.key(4), 2, {"rgb": 16, "depth": 16}, {"rgb": 0.75, "depth": 0.75})
+    images = {"rgb": batch["rgb"], "depth": batch["depth"]}
+    params = model.init(jax.random.key(5), images, masks)
+    out = model.apply(params, images, masks)
+    chex.assert_shape(out["pred"]["depth"], (2, 16, 64))
+    chex.assert_shape(out["pooled"]["rgb"], (2, 64))
+    hidden = np.asarray(masks["depth"].mask).reshape(2, 4, 4).repeat(8, 1).repeat(8, 2)[..., None]
+    tampered = dict(images, depth=jnp.where(hidden > 0, 100.0, images["depth"]))
+    np.testing.assert_allclose(model.apply(params, tampered, masks)["pred"]["depth"], out["pred"]["depth"], atol=1e-5)
+    visible_changed = dict(images, depth=jnp.where(hidden > 0, images["depth"], 100.0))
+    assert not np.allclose(model.apply(params, visible_changed, masks)["pred"]["depth"], out["pred"]["depth"])
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("model.variant", "Q/16", "config.model.variant"),
+    ("model.image_size", 30, "config.model.image_size"),
+    ("objective.temperature", 0.0, "config.objective.temperature"),
+    ("objective.weights.contrastive", 0.0, "config.objective.weights.contrastive"),
+])
+def test_stage1_bad_config_names_field(field, value, message):
+    config = tiny_config(1)
+    section, *rest = field.split(".")
+    target = config[section]
+    for key in rest[:-1]:
+        target = target[key]
+    target[rest[-1]] = value
+    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        validate(config)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(inputs=("rgb",), targets=("depth",)), r"config\.objective\.weights\.denoise"),
+    (dict(mask_mode="blocks"), r"config\.objective\.mask_mode"),
+    (dict(targets=("normals",)), r"config\.objective\.targets"),
+])
+def test_stage2_bad_config_names_field(overrides, message):
+    config = tiny_config(2)
+    config.objective.update(overrides)
+    with pytest.raises(ValueError, match=message):
+        make_objective(config)
+    config = tiny_config(2)
+    config.objective.mask_ratio.rgb = 1.5
+    with pytest.raises(ValueError, match=r"config\.objective\.mask_ratio\.rgb"):
+        make_objective(config)

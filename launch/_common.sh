@@ -1,0 +1,223 @@
+# Shared helpers of the launch scripts; sourced, never run.
+#
+# The caller sets SCRIPT_NAME (for messages) and DRY_RUN (0 or 1) and, before calling plan_runs, the
+# run-plan variables documented there.
+# The variables set here are read by the scripts that source this file:
+# shellcheck shell=bash disable=SC2034
+
+# The repository root: launch/ lives directly under it. Configs are resolved against it because the
+# training command runs from there (locally, on every TPU worker, in the sbatch script).
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+# The config field that `--data URI` sets. One place, so that a rename in the configs is one edit.
+DATA_FIELD="data.path"
+
+# The presets of configs/m3_stage1.py and configs/m3_stage2.py.
+KNOWN_PRESETS="vit_s16 vit_b16 vit_l16"
+
+die() {
+  printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
+  printf "Run '%s --help' for usage.\n" "$SCRIPT_NAME" >&2
+  exit 2
+}
+
+# An error of the environment rather than of the arguments: no pointer to --help.
+fail() {
+  printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
+  exit 1
+}
+
+warn() {
+  printf '%s: warning: %s\n' "$SCRIPT_NAME" "$*" >&2
+}
+
+# Quote one word for a POSIX shell, leaving plain words (the usual case) unquoted so that printed
+# commands stay readable and can still be pasted into a terminal.
+quote_word() {
+  local word=$1
+  if [[ -n "$word" && "$word" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+    printf '%s' "$word"
+  else
+    printf "'%s'" "${word//\'/\'\\\'\'}"
+  fi
+}
+
+# Print a command line, each argument quoted with quote_word.
+quote_cmd() {
+  local out="" arg
+  for arg in "$@"; do
+    out+="${out:+ }$(quote_word "$arg")"
+  done
+  printf '%s' "$out"
+}
+
+# Run a command, or with --dry-run print it (prefixed by '+ ', like `set -x`) instead.
+run() {
+  if [[ "$DRY_RUN" == 1 ]]; then
+    printf '+ %s\n' "$(quote_cmd "$@")"
+  else
+    "$@"
+  fi
+}
+
+# Fail unless option $1 has a value $2 (the option parser passes "${2-}").
+need_value() {
+  if [[ -z "$2" || "$2" == --* ]]; then
+    die "$1 needs a value"
+  fi
+}
+
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+is_positive_int() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+
+# A `--config.FIELD=VALUE` override, passed to the trainer untouched. The `=` form is required so
+# that an override never swallows the option after it.
+check_override() {
+  if [[ ! "$1" =~ ^--config\.[A-Za-z_][A-Za-z0-9_.]*= ]]; then
+    die "config override '$1' must have the form --config.FIELD=VALUE"
+  fi
+}
+
+# Check a `FILE.py[:PRESET]` config spec: the file must exist (relative paths are relative to the
+# repository root) and the preset, if any, must be a plain name.
+check_config() {
+  local spec=$1 what=${2:---config} file preset=""
+  file=${spec%%:*}
+  if [[ "$spec" == *:* ]]; then
+    preset=${spec#*:}
+    [[ "$preset" =~ ^[A-Za-z0-9_]+$ ]] || die "$what '$spec': preset '$preset' is not a plain name"
+  fi
+  [[ "$file" == *.py ]] || die "$what '$spec': expected a Python config file, like configs/m3_stage1.py"
+  local path=$file
+  [[ "$path" == /* ]] || path="$REPO_ROOT/$file"
+  [[ -f "$path" ]] || die "$what '$spec': no such file $path"
+}
+
+check_preset() {
+  local p
+  for p in $KNOWN_PRESETS; do
+    [[ "$1" == "$p" ]] && return 0
+  done
+  die "--preset '$1' is not one of: $KNOWN_PRESETS"
+}
+
+# Strip trailing slashes, keeping "/" and "gs://bucket" intact.
+strip_slash() {
+  local p=$1
+  while [[ "$p" == */ && "$p" != / && "$p" != *:// ]]; do p=${p%/}; done
+  printf '%s' "$p"
+}
+
+# Make a local path absolute against the current directory; gs:// and absolute paths stay as given.
+absolute() {
+  case "$1" in
+    gs://* | /*) printf '%s' "$1" ;;
+    *) printf '%s/%s' "$PWD" "$1" ;;
+  esac
+}
+
+# Validate the run-plan variables, shared by every script:
+#   MODULE     pretrain | finetune
+#   STAGE      1 | 2 | both | "" (empty: --config names one run)
+#   PRESET     model preset of the stage configs
+#   CONFIG     FILE.py[:PRESET] for a single run, or ""
+#   WORKDIR    the work directory (with --stage: the root holding stage1/ and stage2/)
+#   INIT_FROM  stage-1 work directory that stage 2 starts from ("" = WORKDIR/stage1)
+#   DATA       data location ("" = the config's own)
+#   OVERRIDES  array of --config.FIELD=VALUE
+check_plan() {
+  case "$MODULE" in
+    pretrain | finetune) ;;
+    *) die "--module '$MODULE' must be 'pretrain' or 'finetune'" ;;
+  esac
+  if [[ -n "$CONFIG" && -n "$STAGE" ]]; then
+    die "--config and --stage exclude each other: --stage runs configs/m3_stage{1,2}.py:PRESET, --config runs one given config"
+  fi
+  if [[ "$MODULE" == finetune && -z "$CONFIG" ]]; then
+    die "--module finetune needs --config (a fine-tuning config file)"
+  fi
+  if [[ -z "$CONFIG" ]]; then
+    STAGE=${STAGE:-both}
+    case "$STAGE" in
+      1 | 2 | both) ;;
+      *) die "--stage '$STAGE' must be 1, 2 or both" ;;
+    esac
+    check_preset "$PRESET"
+    [[ "$STAGE" == 2 ]] || check_config "configs/m3_stage1.py" "--stage $STAGE: stage 1 config"
+    [[ "$STAGE" == 1 ]] || check_config "configs/m3_stage2.py" "--stage $STAGE: stage 2 config"
+  else
+    check_config "$CONFIG"
+  fi
+  [[ -n "$WORKDIR" ]] || die "--workdir is required"
+  local o
+  for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do check_override "$o"; done
+}
+
+# Take one run-plan option: `plan_option OPTION VALUE` sets its variable and succeeds, or fails when
+# OPTION is not a run-plan option. Options with no value are taken by the caller's parser.
+plan_option() {
+  case "$1" in
+    --stage) STAGE=$2 ;;
+    --preset) PRESET=$2 ;;
+    --config) CONFIG=$2 ;;
+    --module) MODULE=$2 ;;
+    --init-from) INIT_FROM=$2 ;;
+    --data) DATA=$2 ;;
+    *) return 1 ;;
+  esac
+}
+
+# Defaults of the run-plan variables.
+MODULE=pretrain
+STAGE=""
+PRESET=vit_b16
+CONFIG=""
+WORKDIR=""
+INIT_FROM=""
+DATA=""
+OVERRIDES=()   # --config.FIELD=VALUE, checked
+EXTRA_ARGS=()  # everything after "--", passed as given
+
+# Fill RUNS with one training command line per run (already shell-quoted, to run from the repository
+# root with the environment's `python`), in the order they must run.
+plan_runs() {
+  RUNS=()
+  local extra=()
+  [[ -z "$DATA" ]] || extra+=("--config.$DATA_FIELD=$DATA")
+  extra+=("${OVERRIDES[@]+"${OVERRIDES[@]}"}" "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
+  local root
+  root=$(strip_slash "$WORKDIR")
+  if [[ -n "$CONFIG" ]]; then
+    local init=()
+    [[ -z "$INIT_FROM" ]] || init=("--config.init_from=$INIT_FROM")
+    RUNS+=("$(quote_cmd python -m "mmcmae_jax.$MODULE" --config "$CONFIG" --workdir "$root" \
+      "${init[@]+"${init[@]}"}" "${extra[@]+"${extra[@]}"}")")
+    return
+  fi
+  # With --stage each stage has its own directory under the root, so that `--stage 1` and a later
+  # `--stage 2` with the same --workdir chain up, and so that each one resumes on its own.
+  if [[ "$STAGE" != 2 ]]; then
+    RUNS+=("$(quote_cmd python -m mmcmae_jax.pretrain --config "configs/m3_stage1.py:$PRESET" \
+      --workdir "$root/stage1" "${extra[@]+"${extra[@]}"}")")
+  fi
+  if [[ "$STAGE" != 1 ]]; then
+    RUNS+=("$(quote_cmd python -m mmcmae_jax.pretrain --config "configs/m3_stage2.py:$PRESET" \
+      --workdir "$root/stage2" "--config.init_from=${INIT_FROM:-$root/stage1}" "${extra[@]+"${extra[@]}"}")")
+  fi
+}
+
+# Usage text shared by the scripts for the run-plan options.
+PLAN_USAGE="What to train (default: --stage both --preset vit_b16):
+  --stage 1|2|both        M3 pre-training: stage 1 (configs/m3_stage1.py) writes WORKDIR/stage1,
+                          stage 2 (configs/m3_stage2.py) writes WORKDIR/stage2 and starts from
+                          WORKDIR/stage1 (or --init-from); both runs them in order
+  --preset NAME           model preset of the stage configs: vit_s16, vit_b16 (default), vit_l16
+  --config FILE[:PRESET]  instead of --stage: run one config (path relative to the repository
+                          root), writing WORKDIR itself, e.g. configs/demo.py
+  --module pretrain|finetune
+                          the entry point for --config: mmcmae_jax.pretrain (default) or
+                          mmcmae_jax.finetune
+  --init-from DIR         stage-1 work directory that stage 2 starts from
+  --data URI              data location, passed as --config.$DATA_FIELD=URI
+  --config.FIELD=VALUE    any config override, passed to every run (repeatable); so is
+                          everything after \"--\""

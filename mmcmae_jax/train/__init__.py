@@ -1,0 +1,1 @@
+"""The trainer shared by both pre-training stages and by fine-tuning."""

@@ -1,0 +1,52 @@
+"""AdamW with warm-up and cosine decay, gradient clipping, and no weight decay on norms, biases, tokens
+and position embeddings (MAE's recipe)."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+# Leaves whose name ends with one of these are never decayed, whatever their rank.
+NO_DECAY_NAMES = ("bias", "scale", "cls_token", "pos_embed", "mask_token", "modality_embed")
+
+
+def optim_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        base_lr=1.5e-4,         # lr = base_lr * global_batch / 256 (MAE)
+        lr=-1.0,                # > 0 overrides the scaled lr
+        warmup_steps=40,
+        min_lr=0.0,
+        b1=0.9,
+        b2=0.95,
+        weight_decay=0.05,
+        grad_clip=1.0,          # global-norm clip; 0 disables it
+    ))
+
+
+def peak_lr(optim: ml_collections.ConfigDict, global_batch: int) -> float:
+    return optim.lr if optim.lr > 0 else optim.base_lr * global_batch / 256
+
+
+def decay_mask(params) -> dict:
+    """True for the leaves that get weight decay: weight matrices and kernels only."""
+    def decays(path, leaf):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return leaf.ndim > 1 and not name.endswith(NO_DECAY_NAMES)
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, global_batch: int):
+    """(optax transformation, learning-rate schedule)."""
+    for field in ("warmup_steps", "weight_decay", "grad_clip", "min_lr"):
+        if optim[field] < 0:
+            raise ValueError(f"config.optim.{field} must be >= 0, got {optim[field]}")
+    if not 0 <= optim.b1 < 1 or not 0 <= optim.b2 < 1:
+        raise ValueError(f"config.optim.b1/b2 must lie in [0, 1), got {optim.b1}, {optim.b2}")
+    lr = peak_lr(optim, global_batch)
+    if lr <= 0:
+        raise ValueError(f"config.optim.base_lr must be positive, got {optim.base_lr}")
+    warmup = min(optim.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), optim.min_lr)
+    adamw = optax.adamw(schedule, optim.b1, optim.b2, weight_decay=optim.weight_decay, mask=decay_mask)
+    chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
+    return optax.chain(*chain, adamw), schedule

@@ -1,0 +1,188 @@
+"""One trainer for every stage: a stage is an `Objective` (model + loss) and a config.
+
+The train state is a plain dict {"step", "params", "opt_state"}. The step is one `jax.jit` over a
+(data, fsdp) mesh with explicit NamedShardings for state, teachers and batch, and donates the old state.
+Each step draws its randomness from `fold_in(seed, step)`, and the input iterator is checkpointed with
+the state, so a resumed run repeats an uninterrupted one exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mmcmae_jax.objectives import Objective, init_stage2_from_stage1, teacher_params_from_stage1
+from mmcmae_jax.train import sharding
+from mmcmae_jax.train.checkpoint import Checkpointer, PreemptionFlag, restore_params
+from mmcmae_jax.train.metrics import MetricWriter
+from mmcmae_jax.train.optim import make_optimizer
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    step: int
+    metrics: dict          # the last logged scalars
+    history: list          # every logged scalars dict, in order
+    preempted: bool = False
+
+
+def make_train_step(objective: Objective, optimizer, schedule, state_sharding, frozen_sharding, mesh):
+    """The jitted step (state, frozen, batch, seed) -> (state, metrics). The old state is donated."""
+
+    def train_step(state, frozen, batch, seed):
+        rng = jax.random.fold_in(seed, state["step"])
+        grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
+        (loss, metrics), grads = grad_fn(state["params"], frozen, batch, rng)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
+                     "opt_state": opt_state}
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                       learning_rate=schedule(state["step"]))
+        return new_state, metrics
+
+    replicated = sharding.replicated(mesh)
+    return jax.jit(train_step, donate_argnums=(0,),
+                   in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh), replicated),
+                   out_shardings=(state_sharding, replicated))
+
+
+def check_finite(step: int, metrics: dict):
+    """Stop on a non-finite loss or gradient, naming the step and the terms that went bad."""
+    bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v))))
+    if bad:
+        values = ", ".join(f"{k}={float(np.asarray(metrics[k])):g}" for k in bad)
+        raise NonFiniteError(f"non-finite values at step {step}: {values}. The update of that step was skipped "
+                             "and no checkpoint was written after it; lower the learning rate, check the "
+                             "input data, or resume from the last checkpoint.")
+
+
+def _nonfinite_guard(optimizer):
+    # A non-finite gradient must not reach the parameters: skip the update (optax.apply_if_finite),
+    # and the host stops the run when it reads the step's metrics.
+    return optax.apply_if_finite(optimizer, max_consecutive_errors=2**30)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterator, objective: Objective,
+          name: str = "train", images_fn: Callable | None = None) -> TrainResult:
+    """Train `objective` for config.total_steps, resuming from `workdir` if it holds checkpoints.
+
+    data_iterator yields per-process batches (dicts of NumPy arrays) and has get_state()/set_state().
+    images_fn(step, params, batch, writer), if given, writes picture summaries every config.image_every.
+    """
+    mesh = sharding.make_mesh(config.mesh.fsdp)
+    global_batch = config.batch_size
+    if global_batch % mesh.size:
+        raise ValueError(f"config.batch_size={global_batch} must be divisible by the {mesh.size} devices")
+    optimizer, schedule = make_optimizer(config.optim, config.total_steps, global_batch)
+    optimizer = _nonfinite_guard(optimizer)
+
+    first_batch = next(data_iterator)
+    keys = sorted(k for k in objective_keys(first_batch))
+    sample = {k: jnp.zeros((global_batch,) + first_batch[k].shape[1:], first_batch[k].dtype) for k in keys}
+
+    def init_state(rng):
+        params = objective.init(rng, sample)
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+    abstract_state = jax.eval_shape(init_state, jax.random.key(config.seed))
+    state_sharding = sharding.state_shardings(abstract_state, mesh)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                every_steps=config.checkpoint_every, async_save=config.async_checkpoint)
+
+    frozen = load_teachers(config, objective)
+    frozen_sharding = sharding.state_shardings(jax.eval_shape(lambda: frozen), mesh)
+    frozen = jax.device_put(frozen, frozen_sharding)
+
+    if checkpointer.latest_step() is not None:
+        # The first batch drawn above is thrown away: the iterator is rewound to the checkpoint.
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_sharding)
+        state, step = checkpointer.restore(abstract, data_iterator)
+        log.info("%s: resumed from step %d in %s", name, step, checkpointer.directory)
+        print(f"[{name}] resuming from the checkpoint of step {step}", flush=True)
+        pending_first = None
+    else:
+        state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
+        state = maybe_init_from_stage1(config, state, state_sharding)
+        pending_first = first_batch
+    step = int(state["step"])
+
+    train_step = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
+    seed = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))
+    writer = MetricWriter(workdir, name, config.total_steps)
+    preemption = PreemptionFlag()
+    history, last, lagged = [], {}, None
+    try:
+        writer.start(step)
+        while step < config.total_steps:
+            local = pending_first if pending_first is not None else next(data_iterator)
+            pending_first = None
+            batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
+            state, metrics = train_step(state, frozen, batch, seed)
+            step += 1
+            if lagged is not None:  # the previous step's loss, read while this step runs
+                check_finite(*lagged)
+                lagged = None
+            stop = preemption.raised or checkpointer.manager.reached_preemption(step)
+            final = step == config.total_steps
+            if step % config.log_every == 0 or final or stop or checkpointer.manager.should_save(step):
+                # Every step that logs or saves is checked before anything is written.
+                metrics = jax.device_get(metrics)
+                check_finite(step, metrics)
+                last = writer.write(step, metrics, global_batch)
+                history.append(dict(step=step, **last))
+            else:
+                lagged = (step, {"loss": metrics["loss"]})
+            if images_fn is not None and config.image_every and (step % config.image_every == 0 or final):
+                images_fn(step, state["params"], local, writer)
+            checkpointer.save(step, state, data_iterator, force=stop or final)
+            if stop:
+                print(f"[{name}] preempted: checkpoint of step {step} written to {checkpointer.directory}", flush=True)
+                break
+        checkpointer.wait()
+        return TrainResult(step, last, history, preempted=step < config.total_steps)
+    finally:
+        preemption.restore_handler()
+        writer.close()
+        checkpointer.close()
+
+
+def objective_keys(batch: dict):
+    """The batch fields pre-training reads; labels and metric depth stay on the host."""
+    return [k for k in ("rgb", "depth", "depth_valid") if k in batch]
+
+
+def load_teachers(config, objective: Objective) -> dict:
+    """Frozen stage-1 encoders for distillation, read from config.init_from; {} when not distilling."""
+    if objective.teacher is None:
+        return {}
+    if not config.init_from:
+        raise ValueError("config.init_from: stage 2 distils the stage-1 encoders, so it needs the stage-1 "
+                         "work directory (or set config.objective.weights.distill=0)")
+    stage1 = restore_params(config.init_from)
+    return jax.tree.map(jnp.asarray, teacher_params_from_stage1(stage1, tuple(config.objective.inputs)))
+
+
+def maybe_init_from_stage1(config, state, state_sharding):
+    """Stage 2 starts its encoders from the stage-1 checkpoint in config.init_from, if given."""
+    if not config.init_from or config.objective.stage != 2:
+        return state
+    try:
+        params = init_stage2_from_stage1(jax.device_get(state["params"]), restore_params(config.init_from))
+    except ValueError as err:
+        raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
+    # Optimizer moments start at zero either way, so only the parameters change.
+    return dict(state, params=jax.device_put(params, state_sharding["params"]))

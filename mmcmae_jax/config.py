@@ -127,10 +127,11 @@ def validate(config: ml_collections.ConfigDict):
 
 def training_config(stage: int) -> ml_collections.ConfigDict:
     """A complete single-stage pre-training config: model, objective, optimiser, data and loop."""
+    from mmcmae_jax.data import default_data_config
     from mmcmae_jax.train.optim import optim_config
     config = pretrain_config(stage)
     config.optim = optim_config()
-    config.data = data_config()
+    config.data = default_data_config()  # data.batch_size and data.image_size are set by the trainer
     config.batch_size = 256           # global, over all processes and devices
     config.total_steps = 10_000
     config.seed = 0
@@ -145,24 +146,6 @@ def training_config(stage: int) -> ml_collections.ConfigDict:
     return config
 
 
-def data_config() -> ml_collections.ConfigDict:
-    """Where the frames come from. With `procedural_frames` > 0 and no records at `path`, the trainer
-    first writes that many procedural scenes there (the embedded default)."""
-    return ml_collections.ConfigDict(dict(
-        path="",                  # a folder of shards, a glob, or a comma-separated list of files
-        format="array_record",    # "array_record" (global shuffle) or "tfrecord" (interleave + buffer)
-        procedural_frames=0,
-        procedural_seed=0,
-        shuffle_buffer=1024,      # tfrecord only
-        worker_count=0,           # grain worker processes; 0 reads in the main process
-        min_crop_scale=0.35,      # random resized crop: smallest area fraction
-        flip=True,
-        color_jitter=0.2,         # brightness/contrast/saturation strength on RGB only; 0 disables
-        depth_trim=0.1,           # fraction of depth tails ignored by the per-image standardisation
-        skip_bad_records=False,   # count, log and skip undecodable records instead of stopping
-    ))
-
-
 def validate_training(config: ml_collections.ConfigDict):
     """Raise ValueError naming the first bad field of a training config."""
     validate(config)
@@ -170,13 +153,11 @@ def validate_training(config: ml_collections.ConfigDict):
         _check(int(config[field]) == config[field] and config[field] > 0, field, f"must be a positive integer, got {config[field]!r}")
     _check(config.image_every >= 0, "image_every", f"must be >= 0, got {config.image_every}")
     _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
-    _check(config.data.format in ("array_record", "tfrecord"), "data.format",
-           f"{config.data.format!r} is not 'array_record' or 'tfrecord'")
-    _check(bool(config.data.path), "data.path", "is empty: give the folder or glob of the training records")
-    _check(config.data.procedural_frames >= 0, "data.procedural_frames", "must be >= 0")
-    _check(0 < config.data.min_crop_scale <= 1, "data.min_crop_scale", f"{config.data.min_crop_scale} not in (0, 1]")
-    _check(0 <= config.data.depth_trim < 0.5, "data.depth_trim", f"{config.data.depth_trim} not in [0, 0.5)")
-
+    from mmcmae_jax.data import validate_data_config
+    try:
+        validate_data_config(config.data)
+    except ValueError as err:
+        raise ValueError(f"config.data: {err}") from None
 
 # ViT presets for the paper-scale configs: (variant, global batch, steps).
 PRESETS = {

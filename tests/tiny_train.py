@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import grain
 import numpy as np
@@ -37,6 +38,10 @@ def main():
     parser.add_argument("--process_id", type=int, default=0)
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--checkpoint_every", type=int, default=100)
+    parser.add_argument("--async_checkpoint", action="store_true")
+    parser.add_argument("--seconds_per_batch", type=float, default=0.0,
+                        help="slow input down, so a test can interrupt the run mid-way")
     args = parser.parse_args()
 
     import jax
@@ -50,19 +55,21 @@ def main():
     config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32,
                         decoder_depth=1, decoder_width=32, decoder_heads=2)
     config.objective.weights.distill = 0.0  # no stage-1 teacher in this tiny run
-    config.update(batch_size=args.batch, total_steps=args.steps, log_every=1, checkpoint_every=100,
-                  image_every=0, async_checkpoint=False)
+    config.update(batch_size=args.batch, total_steps=args.steps, log_every=1, checkpoint_every=args.checkpoint_every,
+                  image_every=0, async_checkpoint=args.async_checkpoint)
     config.optim.warmup_steps = 1
     config.optim.lr = 1e-3
     config.mesh.fsdp = args.fsdp
     config.data.path = "in-memory"
     dataset = (grain.MapDataset.source(frames()).shuffle(seed=0).repeat().batch(args.batch, drop_remainder=True)
                .map(lambda b: process_slice(b, args.process_id, args.num_processes)))
+    if args.seconds_per_batch:
+        dataset = dataset.map(lambda b: time.sleep(args.seconds_per_batch) or b)
     result = train(config, args.workdir, iter(dataset.to_iter_dataset()), make_objective(config))
     if jax.process_index() == 0:
         with open(args.out, "w") as f:
-            json.dump({"devices": jax.device_count(), "history": result.history}, f)
-    return 0
+            json.dump({"devices": jax.device_count(), "history": result.history, "preempted": result.preempted}, f)
+    return 143 if result.preempted else 0
 
 
 if __name__ == "__main__":

@@ -53,3 +53,13 @@ def global_batch(local_batch: dict, mesh: Mesh) -> dict:
     """Assemble each process's slice of the batch into one global array sharded over the mesh."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+def put_global(host_tree, shardings):
+    """Host arrays, identical on every process, as global arrays with the given shardings.
+
+    (jax.device_put only reaches this process's devices; each device here takes its own slice.)"""
+    def put(host, target):
+        host = np.asarray(host)
+        return jax.make_array_from_callback(host.shape, target, lambda index: host[index])
+    return jax.tree.map(put, host_tree, shardings)

@@ -49,7 +49,7 @@ def make_train_step(objective: Objective, optimizer, schedule, state_sharding, f
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = {"step": state["step"] + 1, "params": optax.apply_updates(state["params"], updates),
                      "opt_state": opt_state}
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+        metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                        learning_rate=schedule(state["step"]))
         return new_state, metrics
 
@@ -104,7 +104,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
 
     frozen = load_teachers(config, objective)
     frozen_sharding = sharding.state_shardings(jax.eval_shape(lambda: frozen), mesh)
-    frozen = jax.device_put(frozen, frozen_sharding)
+    frozen = sharding.put_global(frozen, frozen_sharding)
 
     if checkpointer.latest_step() is not None:
         # The first batch drawn above is thrown away: the iterator is rewound to the checkpoint.
@@ -121,7 +121,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
     step = int(state["step"])
 
     train_step = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
-    seed = jax.device_put(jax.random.key(config.seed + 1), sharding.replicated(mesh))
+    seed = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
     writer = MetricWriter(workdir, name, config.total_steps)
     preemption = PreemptionFlag()
     history, last, lagged = [], {}, None
@@ -173,7 +173,7 @@ def load_teachers(config, objective: Objective) -> dict:
         raise ValueError("config.init_from: stage 2 distils the stage-1 encoders, so it needs the stage-1 "
                          "work directory (or set config.objective.weights.distill=0)")
     stage1 = restore_params(config.init_from)
-    return jax.tree.map(jnp.asarray, teacher_params_from_stage1(stage1, tuple(config.objective.inputs)))
+    return teacher_params_from_stage1(stage1, tuple(config.objective.inputs))
 
 
 def maybe_init_from_stage1(config, state, state_sharding):
@@ -181,8 +181,10 @@ def maybe_init_from_stage1(config, state, state_sharding):
     if not config.init_from or config.objective.stage != 2:
         return state
     try:
-        params = init_stage2_from_stage1(jax.device_get(state["params"]), restore_params(config.init_from))
+        merged = init_stage2_from_stage1(state["params"], restore_params(config.init_from))
     except ValueError as err:
         raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
-    # Optimizer moments start at zero either way, so only the parameters change.
-    return dict(state, params=jax.device_put(params, state_sharding["params"]))
+    # Only the copied encoders are new (host arrays); optimizer moments start at zero either way.
+    params = {name: value if value is state["params"][name] else
+              sharding.put_global(value, state_sharding["params"][name]) for name, value in merged.items()}
+    return dict(state, params=params)

@@ -148,6 +148,18 @@ class _FrameTransform:
       return None
 
 
+@dataclasses.dataclass(frozen=True)
+class _FileDataset:
+  """(position in the file stream, file index) -> that file's dataset; picklable for grain workers."""
+  files: Sequence[str]
+  first: int
+  stride: int
+
+  def __call__(self, position: int, file_index: int) -> CheckedTFRecordIterDataset:
+    epoch = position // len(self.files)
+    return CheckedTFRecordIterDataset(self.files[file_index], file_index, epoch, self.first, self.stride)
+
+
 def _with_key(index, element: _Element) -> _Element:
   return dataclasses.replace(element, rng_key=(_ARRAY_RECORD_STREAM, int(index)))
 
@@ -223,8 +235,7 @@ def make_pipeline(paths_or_pattern, *, batch_size: int, image_size: int, train: 
     if train:
       file_order = file_order.shuffle(seed=seed)
     n_files = len(files)
-    datasets = file_order.repeat(num_epochs).map_with_index(
-        lambda j, i: CheckedTFRecordIterDataset(files[i], i, j // n_files, first, stride))
+    datasets = file_order.repeat(num_epochs).map_with_index(_FileDataset(files, first, stride))
     ds = grain.experimental.InterleaveIterDataset(datasets, cycle_length=min(cycle_length, n_files))
     if train and shuffle_buffer > 1:
       ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_buffer, seed=seed)

@@ -51,8 +51,14 @@ def initialize_distributed():
 
 def run(config, workdir: str) -> dict:
     """Run every stage of `config` (or the config itself, if it is one stage). Returns {stage: result}."""
+    from mmcmae_jax.config import validate_training
     if "stages" not in config:
         return {"train": run_stage(config, workdir, "train")}
+    for name in config.stages:  # every stage's config is checked before the first one starts
+        try:
+            validate_training(config[name])
+        except ValueError as err:
+            raise ValueError(str(err).replace("config.", f"config.{name}.", 1)) from None
     results, previous = {}, None
     for name in config.stages:
         stage_config = config[name]

@@ -79,32 +79,44 @@ class _TFRecordIterator(grain.DatasetIterator):
     self._path, self._file_index, self._epoch = path, file_index, epoch
     self._first, self._stride = first, stride
     self._offset, self._record, self._done = 0, 0, False
+    self._file = None
 
   def __next__(self) -> _Element:
-    with open(self._path, "rb") as f:
-      while not self._done:
+    if self._file is None:
+      self._file = open(self._path, "rb")
+    f = self._file
+    while not self._done:
+      if f.tell() != self._offset:
         f.seek(self._offset)
-        record = self._record
-        try:
-          item = records.read_tfrecord_at(f, self._path)
-        except records.FramingError as e:
-          # The rest of the file cannot be framed: report it once, then end this file.
-          self._done = True
-          return _Element((), self._path, record, e.offset, None,
-                          RecordError(self._path, e.reason, record=record, offset=e.offset))
-        except RecordError as e:
-          item = (e.offset, None, RecordError(self._path, e.reason, record=record, offset=e.offset))
-        if item is None:
-          self._done = True
-          break
-        self._offset, self._record = f.tell(), record + 1
-        if record % self._stride != self._first:
-          continue
-        start, data = item[0], item[1]
-        error = item[2] if len(item) > 2 else None
-        return _Element((_TFRECORD_STREAM, self._file_index, self._epoch, record), self._path,
-                        record, start, data, error)
+      record = self._record
+      try:
+        item = records.read_tfrecord_at(f, self._path)
+        error = None
+      except records.FramingError as e:
+        # The rest of the file cannot be framed: report it once, then end this file.
+        self._done = True
+        return _Element((), self._path, record, e.offset, None,
+                        RecordError(self._path, e.reason, record=record, offset=e.offset))
+      except RecordError as e:  # damaged payload: the file is positioned at the next record
+        item, error = (e.offset, None), RecordError(self._path, e.reason, record=record, offset=e.offset)
+      if item is None:
+        self._done = True
+        break
+      self._offset, self._record = f.tell(), record + 1
+      if record % self._stride != self._first:
+        continue
+      return _Element((_TFRECORD_STREAM, self._file_index, self._epoch, record), self._path,
+                      record, item[0], item[1], error)
+    self._close()
     raise StopIteration
+
+  def _close(self):
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+
+  def __del__(self):
+    self._close()
 
   def get_state(self):
     return {"offset": self._offset, "record": self._record, "done": self._done}

@@ -318,8 +318,10 @@ def render(scene: Scene, cam: np.ndarray, rot: np.ndarray, fov: float, size: int
   normal = np.zeros((n_pix, 3))
   normal[rows, axis] = -np.sign(dirs[rows, axis])
   cls = np.where(axis == 1, np.where(dirs[:, 1] < 0, FLOOR, CEILING), WALL)
-  albedo = np.where((cls == FLOOR)[:, None], scene.floor_color,
-                    np.where((cls == WALL)[:, None], scene.wall_color, scene.ceiling_color))
+  albedo = np.empty((n_pix, 3))
+  albedo[:] = scene.wall_color
+  albedo[cls == FLOOR] = scene.floor_color
+  albedo[cls == CEILING] = scene.ceiling_color
   obj_color = np.zeros((n_pix, 3))
   is_obj = np.zeros(n_pix, bool)
 
@@ -336,18 +338,18 @@ def render(scene: Scene, cam: np.ndarray, rot: np.ndarray, fov: float, size: int
     is_obj |= closer
 
   p = cam + t[:, None] * dirs
-  # Textures: perspective of regular patterns is a strong monocular depth cue.
-  albedo = np.where(is_obj[:, None], obj_color, albedo)
-  floor = cls == FLOOR
-  albedo = np.where(floor[:, None], albedo * _floor_texture(scene, np.where(floor[:, None], p, 0)), albedo)
-  along = np.where(np.abs(normal[:, 0]) > 0.5, p[:, 2], p[:, 0])
-  wall_pattern = (1.0 + 0.05 * np.sin(along * 2 * np.pi / 0.2)) * np.where(p[:, 1] < 0.1, 0.6, 1.0)
-  albedo = np.where((cls == WALL)[:, None], albedo * wall_pattern[:, None], albedo)
+  # Textures, computed only where they apply: the perspective of regular patterns is a strong
+  # monocular depth cue.
+  albedo[is_obj] = obj_color[is_obj]
+  floor, wall, pic = cls == FLOOR, cls == WALL, cls == PICTURE
   wood = (cls == TABLE) | (cls == CABINET)
-  albedo = np.where(wood[:, None], albedo * (1 + 0.07 * np.sin(30 * (p[:, 0] + p[:, 2]) + 5 * p[:, 1]))[:, None], albedo)
-  pic = cls == PICTURE
-  albedo = np.where(pic[:, None], albedo * (0.7 + 0.3 * np.sin(7 * p[:, 1] + 5 * along))[:, None]
-                    * np.array([1.0, 0.8, 1.2]), albedo)
+  albedo[floor] *= _floor_texture(scene, p[floor])
+  along = np.where(np.abs(normal[:, 0]) > 0.5, p[:, 2], p[:, 0])
+  pw, aw = p[wall], along[wall]
+  albedo[wall] *= ((1.0 + 0.05 * np.sin(aw * 2 * np.pi / 0.2)) * np.where(pw[:, 1] < 0.1, 0.6, 1.0))[:, None]
+  pd = p[wood]
+  albedo[wood] *= (1 + 0.07 * np.sin(30 * (pd[:, 0] + pd[:, 2]) + 5 * pd[:, 1]))[:, None]
+  albedo[pic] *= (0.7 + 0.3 * np.sin(7 * p[pic, 1] + 5 * along[pic]))[:, None] * np.array([1.0, 0.8, 1.2])
 
   # Lighting: ceiling point light with inverse-square falloff and cast shadows, plus sky-like ambient.
   to_light = scene.light - p

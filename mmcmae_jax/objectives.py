@@ -30,6 +30,7 @@ class Objective(NamedTuple):
     loss: Callable  # (params, frozen, batch, rng) -> (loss, metrics)
     forward: Callable  # (params, batch, rng) -> dict of model outputs and inputs, for pictures
     teacher: nn.Module | None  # the encoder module that `frozen` parameterises
+    batch_keys: tuple = ("rgb", "depth", "depth_valid")  # the batch fields the loss reads
 
 
 def _encoder_kwargs(model_cfg) -> dict:

@@ -86,9 +86,34 @@ def run_stage(config, workdir: str, name: str):
     objective = make_objective(config)
     iterator = make_train_iterator(config)
     images_fn = stage2_picture_fn(objective, config, workdir) if config.objective.stage == 2 else None
+    frozen, initial_params = stage1_start(config, objective)
     print(f"[{name}] stage {config.objective.stage}, {config.model.variant} at {config.model.image_size}px, "
           f"global batch {config.batch_size}, {config.total_steps} steps -> {workdir}", flush=True)
-    return train(config, workdir, iterator, objective, name=name, images_fn=images_fn)
+    return train(config, workdir, iterator, objective, name=name, images_fn=images_fn, frozen=frozen,
+                 initial_params=initial_params)
+
+
+def stage1_start(config, objective):
+    """(frozen teachers, initial_params) of a stage-2 run from the stage-1 checkpoint in config.init_from."""
+    from mmcmae_jax.objectives import init_stage2_from_stage1, teacher_params_from_stage1
+    from mmcmae_jax.train.checkpoint import restore_params
+    if config.objective.stage != 2:
+        return None, None
+    if objective.teacher is not None and not config.init_from:
+        raise ValueError("config.init_from: stage 2 distils the stage-1 encoders, so it needs the stage-1 "
+                         "work directory (or set config.objective.weights.distill=0)")
+    if not config.init_from:
+        return None, None
+    stage1 = restore_params(config.init_from)
+    frozen = teacher_params_from_stage1(stage1, tuple(config.objective.inputs)) if objective.teacher else None
+
+    def initial_params(params):
+        try:
+            return init_stage2_from_stage1(params, stage1)
+        except ValueError as err:
+            raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
+
+    return frozen, initial_params
 
 
 def make_train_iterator(config):

@@ -35,8 +35,21 @@ def decay_mask(params) -> dict:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, global_batch: int):
-    """(optax transformation, learning-rate schedule)."""
+def scale_updates(scale_fn):
+    """Multiply each leaf's update by scale_fn(params)'s leaf: a per-leaf learning-rate factor (AdamW's
+    update is -lr * (adam direction + wd * param), so scaling it scales lr for both terms)."""
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None):
+        return jax.tree.map(lambda u, s: u * s, updates, scale_fn(params)), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, global_batch: int, update_scale=None):
+    """(optax transformation, learning-rate schedule). update_scale(params): per-leaf lr factors."""
     for field in ("warmup_steps", "weight_decay", "grad_clip", "min_lr"):
         if optim[field] < 0:
             raise ValueError(f"config.optim.{field} must be >= 0, got {optim[field]}")
@@ -49,4 +62,5 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int, global_ba
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(total_steps, warmup + 1), optim.min_lr)
     adamw = optax.adamw(schedule, optim.b1, optim.b2, weight_decay=optim.weight_decay, mask=decay_mask)
     chain = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip > 0 else []
-    return optax.chain(*chain, adamw), schedule
+    scale = [scale_updates(update_scale)] if update_scale is not None else []
+    return optax.chain(*chain, adamw, *scale), schedule

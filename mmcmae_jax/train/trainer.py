@@ -18,9 +18,9 @@ import ml_collections
 import numpy as np
 import optax
 
-from mmcmae_jax.objectives import Objective, init_stage2_from_stage1, teacher_params_from_stage1
+from mmcmae_jax.objectives import Objective
 from mmcmae_jax.train import sharding
-from mmcmae_jax.train.checkpoint import Checkpointer, PreemptionFlag, restore_params
+from mmcmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from mmcmae_jax.train.metrics import MetricWriter
 from mmcmae_jax.train.optim import make_optimizer
 
@@ -76,21 +76,29 @@ def _nonfinite_guard(optimizer):
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterator, objective: Objective,
-          name: str = "train", images_fn: Callable | None = None) -> TrainResult:
+          name: str = "train", images_fn: Callable | None = None, frozen: dict | None = None,
+          initial_params: Callable | None = None, update_scale: Callable | None = None) -> TrainResult:
     """Train `objective` for config.total_steps, resuming from `workdir` if it holds checkpoints.
 
-    data_iterator yields per-process batches (dicts of NumPy arrays) and has get_state()/set_state().
-    images_fn(step, params, batch, writer), if given, writes picture summaries every config.image_every.
+    data_iterator: yields per-process batches (dicts of NumPy arrays); has get_state()/set_state().
+    images_fn(step, params, global_batch, writer): picture summaries every config.image_every steps.
+    frozen: host arrays the loss reads but never trains (distillation teachers, a frozen encoder).
+    initial_params(params) -> params: on a fresh start, replaces parts of the initialised parameters
+      (e.g. encoders from a checkpoint) with host arrays; not applied when resuming.
+    update_scale(params) -> pytree of floats: per-leaf multipliers of the learning rate (layer decay).
     """
     mesh = sharding.make_mesh(config.mesh.fsdp)
     global_batch = config.batch_size
     if global_batch % mesh.size:
         raise ValueError(f"config.batch_size={global_batch} must be divisible by the {mesh.size} devices")
-    optimizer, schedule = make_optimizer(config.optim, config.total_steps, global_batch)
+    optimizer, schedule = make_optimizer(config.optim, config.total_steps, global_batch, update_scale)
     optimizer = _nonfinite_guard(optimizer)
 
     first_batch = next(data_iterator)
-    keys = sorted(k for k in objective_keys(first_batch))
+    missing = [k for k in objective.batch_keys if k not in first_batch]
+    if missing:
+        raise KeyError(f"the input batches lack {missing}, which {name} reads (it has {sorted(first_batch)})")
+    keys = list(objective.batch_keys)
     sample = {k: jnp.zeros((global_batch,) + first_batch[k].shape[1:], first_batch[k].dtype) for k in keys}
 
     def init_state(rng):
@@ -102,7 +110,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                                 every_steps=config.checkpoint_every, async_save=config.async_checkpoint)
 
-    frozen = load_teachers(config, objective)
+    frozen = {} if frozen is None else frozen
     frozen_sharding = sharding.state_shardings(jax.eval_shape(lambda: frozen), mesh)
     frozen = sharding.put_global(frozen, frozen_sharding)
 
@@ -116,7 +124,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
         pending_first = None
     else:
         state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
-        state = maybe_init_from_stage1(config, state, state_sharding)
+        if initial_params is not None:
+            state = dict(state, params=replace_params(state["params"], initial_params(state["params"]),
+                                                      state_sharding["params"]))
         pending_first = first_batch
     step = int(state["step"])
 
@@ -160,31 +170,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
         checkpointer.close()
 
 
-def objective_keys(batch: dict):
-    """The batch fields pre-training reads; labels and metric depth stay on the host."""
-    return [k for k in ("rgb", "depth", "depth_valid") if k in batch]
-
-
-def load_teachers(config, objective: Objective) -> dict:
-    """Frozen stage-1 encoders for distillation, read from config.init_from; {} when not distilling."""
-    if objective.teacher is None:
-        return {}
-    if not config.init_from:
-        raise ValueError("config.init_from: stage 2 distils the stage-1 encoders, so it needs the stage-1 "
-                         "work directory (or set config.objective.weights.distill=0)")
-    stage1 = restore_params(config.init_from)
-    return teacher_params_from_stage1(stage1, tuple(config.objective.inputs))
-
-
-def maybe_init_from_stage1(config, state, state_sharding):
-    """Stage 2 starts its encoders from the stage-1 checkpoint in config.init_from, if given."""
-    if not config.init_from or config.objective.stage != 2:
-        return state
-    try:
-        merged = init_stage2_from_stage1(state["params"], restore_params(config.init_from))
-    except ValueError as err:
-        raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
-    # Only the copied encoders are new (host arrays); optimizer moments start at zero either way.
-    params = {name: value if value is state["params"][name] else
-              sharding.put_global(value, state_sharding["params"][name]) for name, value in merged.items()}
-    return dict(state, params=params)
+def replace_params(params: dict, new: dict, shardings: dict) -> dict:
+    """`new` is `params` with some top-level entries replaced by host arrays: place those on the mesh."""
+    return {key: value if value is params[key] else sharding.put_global(value, shardings[key])
+            for key, value in new.items()}

@@ -39,7 +39,11 @@ def objective_config(stage: int) -> ml_collections.ConfigDict:
         stage=stage,
         # Stage 1.
         temperature=0.1,
-        negatives="image",       # "image": other patches of the same frame; "batch": every patch of the batch
+        # "batch": every patch of the batch is a negative; "image": only the other patches of the same
+        # frame. With "image" both encoders can match patches by their position embedding alone, and do:
+        # the demo's stage 1 reached the same loss with depth from another frame (README, "Stage 1 and
+        # the position shortcut"). Across frames, patches at the same position are negatives too.
+        negatives="batch",
         stage1_mask_ratio=0.0,   # > 0: one mask shared by both modalities, so positives exist on both sides
         # Stage 2.
         inputs=MODALITIES,

@@ -72,7 +72,12 @@ def _stage1(model_cfg, obj) -> Objective:
         del frozen  # stage 1 has no teacher
         out = model.apply({"params": params}, *inputs(batch, rng))
         contrastive = losses.patch_info_nce(out["z_rgb"], out["z_depth"], obj.temperature, obj.negatives)
-        return obj.weights.contrastive * contrastive, {"contrastive": contrastive}
+        # Diagnostic, free of extra compute: the same loss against the depth of another frame. If it is
+        # as low as `contrastive`, the encoders match patches by position, not by content.
+        mismatched = losses.patch_info_nce(out["z_rgb"], jnp.roll(out["z_depth"], 1, axis=0), obj.temperature,
+                                           obj.negatives)
+        return obj.weights.contrastive * contrastive, {"contrastive": contrastive,
+                                                       "contrastive_other_frame": jax.lax.stop_gradient(mismatched)}
 
     def forward(params, batch, rng):
         return model.apply({"params": params}, *inputs(batch, rng))

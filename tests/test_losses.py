@@ -57,6 +57,18 @@ def test_info_nce_falls_when_positives_align():
     assert float(aligned) < float(shuffled)
 
 
+def test_position_alone_solves_per_image_negatives_but_not_batch_negatives():
+    """Why the default negatives are the whole batch: embeddings that encode only the patch position
+    (the same in every frame and both modalities) drive the per-image loss to ~0, while with batch
+    negatives they cannot do better than log(B) (the same position in B frames is indistinguishable)."""
+    batch, patches = 4, 16
+    position_only = jnp.broadcast_to(jnp.eye(patches)[None], (batch, patches, patches))
+    per_image = losses.patch_info_nce(position_only, position_only, 0.05, "image")
+    whole_batch = losses.patch_info_nce(position_only, position_only, 0.05, "batch")
+    assert float(per_image) < 1e-6
+    assert abs(float(whole_batch) - np.log(batch)) < 1e-4
+
+
 def np_masked_mse(pred, target, weight, valid):
     num = den = 0.0
     for b, i, q in np.ndindex(pred.shape):

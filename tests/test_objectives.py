@@ -53,7 +53,7 @@ def check_step(config, frozen):
 @pytest.mark.parametrize("negatives,mask_ratio", [("image", 0.0), ("batch", 0.5)])
 def test_stage1_jits_and_every_parameter_learns(negatives, mask_ratio):
     loss, metrics, _ = check_step(tiny_config(1, negatives=negatives, stage1_mask_ratio=mask_ratio), {})
-    assert set(metrics) == {"contrastive"}
+    assert set(metrics) == {"contrastive", "contrastive_other_frame"}
     assert float(loss) > 0
 
 

@@ -136,12 +136,13 @@ def export(checkpoint: str, out: str, *, modality: str = "rgb", full_model: bool
         enc = encoder_params(params, m)
         heads = None
         if variant is not None:
-            wanted = parse_variant(variant)
+            wanted, found = parse_variant(variant), encoder_spec(enc, num_heads=1)
+            if (found.width, found.depth, found.patch_size) != (wanted.width, wanted.depth, wanted.patch_size):
+                raise ValueError(f"--variant {variant} is width {wanted.width}, depth {wanted.depth}, patch "
+                                 f"{wanted.patch_size}; the {m} encoder has {found.width}, {found.depth}, "
+                                 f"{found.patch_size}")
             heads = wanted.num_heads
         spec = encoder_spec(enc, num_heads=heads)
-        if variant is not None and (spec.width, spec.depth, spec.patch_size) != (wanted.width, wanted.depth, wanted.patch_size):
-            raise ValueError(f"--variant {variant} is width {wanted.width}, depth {wanted.depth}, patch "
-                             f"{wanted.patch_size}; the {m} encoder has {spec.width}, {spec.depth}, {spec.patch_size}")
         size = encoder_image_size(enc, image_size)
         state_dict = flax_encoder_to_timm(enc, image_size=size)
         path = _out_path(out, m, len(modalities) > 1)

@@ -404,6 +404,6 @@ def test_official_mae_pth_layout_and_weights_only(tmp_path):
 
     evil = tmp_path / "evil.pth"
     with open(evil, "wb") as f:
-        pickle.dump({"model": Payload()}, f)
+        pickle.dump({"model": Payload()}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         read_state_dict(str(evil))

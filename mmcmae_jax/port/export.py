@@ -56,8 +56,8 @@ def find_pytree_dir(path: str, step: Optional[int] = None) -> str:
     # CheckpointManager items: the trainer's train state is `state`, a single unnamed item `default`.
     items = [n for n in ("state", "default") if _is_pytree_dir(os.path.join(step_dir, n))]
     items += sorted(n for n in os.listdir(step_dir) if n not in items and _is_pytree_dir(os.path.join(step_dir, n)))
-    for name in items:
-        return os.path.join(step_dir, name)
+    if items:
+        return os.path.join(step_dir, items[0])
     raise FileNotFoundError(f"step folder {step_dir!r} holds no PyTree item")
 
 

@@ -30,7 +30,7 @@ from typing import Mapping, Optional, Sequence, Union
 import numpy as np
 
 from mmcmae_jax.models.vit import sincos_pos_embed_2d
-from mmcmae_jax.port.timm_layout import ImageSize, _hw, state_dict_to_tree
+from mmcmae_jax.port.timm_layout import ImageSize, image_hw, state_dict_to_tree
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ def load_mae_into_encoder(source: StateDictSource, template: Mapping, *, in_chan
         target_n = np.shape(template["pos_embed"])[1] - 1
         side = int(round(target_n ** 0.5))
         if image_size is not None:
-            h, w = _hw(image_size)
+            h, w = image_hw(image_size)
             if (h // patch) * (w // patch) != target_n:
                 raise ValueError(f"image_size {h}x{w} does not match the encoder's table of {target_n} patches")
         src_prefix = table.shape[1] - int(round((table.shape[1] - 1) ** 0.5)) ** 2

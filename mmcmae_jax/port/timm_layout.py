@@ -34,7 +34,7 @@ _TIMM_NAMES = {(192, 12, 3): "vit_tiny", (384, 12, 6): "vit_small", (768, 12, 12
                (1024, 24, 16): "vit_large"}
 
 
-def _hw(image_size: ImageSize) -> Tuple[int, int]:
+def image_hw(image_size: ImageSize) -> Tuple[int, int]:
     if isinstance(image_size, (int, np.integer)):
         return int(image_size), int(image_size)
     h, w = image_size
@@ -162,14 +162,14 @@ def flax_encoder_to_timm(params: Mapping, *, image_size: Optional[ImageSize] = N
         table = np.asarray(params["pos_embed"])
         if image_size is not None:
             n = table.shape[1] - 1
-            h, w = _hw(image_size)
+            h, w = image_hw(image_size)
             if (h // spec.patch_size) * (w // spec.patch_size) != n:
                 raise ValueError(f"the learned position table holds {n} patches, not the "
                                  f"{h}x{w} image size asked for: resample it with mae_import.resample_pos_embed")
         # Our learned table always has a cls slot; timm's has one only with a class token.
         out["pos_embed"] = table if has_cls else np.ascontiguousarray(table[:, 1:])
     else:
-        h, w = _hw(224 if image_size is None else image_size)
+        h, w = image_hw(224 if image_size is None else image_size)
         if h % spec.patch_size or w % spec.patch_size:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {spec.patch_size}")
         table = sincos_pos_embed_2d(spec.width, h // spec.patch_size, w // spec.patch_size)[None]
@@ -185,13 +185,13 @@ def encoder_image_size(params: Mapping, image_size: Optional[ImageSize] = None) 
         spec = encoder_spec(params, num_heads=1)
         side = int(round((np.shape(params["pos_embed"])[1] - 1) ** 0.5))
         return side * spec.patch_size, side * spec.patch_size
-    return _hw(224 if image_size is None else image_size)
+    return image_hw(224 if image_size is None else image_size)
 
 
 def timm_kwargs(spec: ViTSpec, image_size: ImageSize, class_token: bool = True) -> dict:
     """Keyword arguments of timm's `VisionTransformer` matching our encoder: a features-only model
     (no head, no pooling), so `forward_features` / `forward` return all tokens after the final norm."""
-    h, w = _hw(image_size)
+    h, w = image_hw(image_size)
     kwargs = dict(img_size=h if h == w else (h, w), patch_size=spec.patch_size, embed_dim=spec.width,
                   depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=spec.mlp_ratio, qkv_bias=True,
                   class_token=class_token, num_classes=0, global_pool="")
@@ -200,7 +200,7 @@ def timm_kwargs(spec: ViTSpec, image_size: ImageSize, class_token: bool = True) 
 
 def timm_constructor(spec: ViTSpec, image_size: ImageSize, class_token: bool = True) -> str:
     """Python source that builds the matching timm model, for the export command to print."""
-    h, w = _hw(image_size)
+    h, w = image_hw(image_size)
     name = _TIMM_NAMES.get((spec.width, spec.depth, spec.num_heads))
     if name and spec.patch_size == 16 and spec.mlp_ratio == 4.0 and class_token:
         size = "" if (h, w) == (224, 224) else f", img_size={h if h == w else (h, w)}"

@@ -94,24 +94,32 @@ def run_stage(config, workdir: str, name: str):
 
 
 def stage1_start(config, objective):
-    """(frozen teachers, initial_params) of a stage-2 run from the stage-1 checkpoint in config.init_from."""
+    """(frozen teachers, initial_params) of a run: encoders from ImageNet MAE weights (config.init_from_mae)
+    and/or, in stage 2, from the stage-1 checkpoint in config.init_from, which also gives the teachers."""
     from mmcmae_jax.objectives import init_stage2_from_stage1, teacher_params_from_stage1
     from mmcmae_jax.train.checkpoint import restore_params
-    if config.objective.stage != 2:
-        return None, None
-    if objective.teacher is not None and not config.init_from:
+    stage2 = config.objective.stage == 2
+    if stage2 and objective.teacher is not None and not config.init_from:
         raise ValueError("config.init_from: stage 2 distils the stage-1 encoders, so it needs the stage-1 "
                          "work directory (or set config.objective.weights.distill=0)")
-    if not config.init_from:
-        return None, None
-    stage1 = restore_params(config.init_from)
+    stage1 = restore_params(config.init_from) if stage2 and config.init_from else None
     frozen = teacher_params_from_stage1(stage1, tuple(config.objective.inputs)) if objective.teacher else None
+    if stage1 is None and not config.init_from_mae:
+        return frozen, None
 
     def initial_params(params):
-        try:
-            return init_stage2_from_stage1(params, stage1)
-        except ValueError as err:
-            raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
+        if config.init_from_mae:
+            from mmcmae_jax.port.mae_import import init_encoders_from_mae
+            try:
+                params = init_encoders_from_mae(params, config.init_from_mae, image_size=config.model.image_size)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
+        if stage1 is not None:
+            try:
+                params = init_stage2_from_stage1(params, stage1)
+            except ValueError as err:
+                raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
+        return params
 
     return frozen, initial_params
 

@@ -68,3 +68,49 @@ def test_bad_config_value_fails_at_start_naming_the_field(tmp_path, override, fi
     assert run.returncode != 0
     assert field in run.stderr
     assert not os.path.exists(tmp_path / "bad" / "stage1" / "checkpoints")
+
+
+def tiny_stage(stage):
+    from mmcmae_jax.config import training_config
+    config = training_config(stage)
+    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32,
+                        decoder_depth=1, decoder_width=32, decoder_heads=2)
+    return config
+
+
+def test_encoders_start_from_imagenet_mae_weights(tmp_path):
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from safetensors.numpy import save_file
+    from mmcmae_jax.models.vit import ViTEncoder
+    from mmcmae_jax.objectives import make_objective
+    from mmcmae_jax.port.timm_layout import flax_encoder_to_timm
+    from mmcmae_jax.pretrain import stage1_start
+
+    source = ViTEncoder("64x2x2/8").init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
+    save_file({k: np.ascontiguousarray(v) for k, v in flax_encoder_to_timm(source, image_size=32).items()},
+              str(tmp_path / "mae.safetensors"))
+    config = tiny_stage(1)
+    config.init_from_mae = str(tmp_path / "mae.safetensors")
+    objective = make_objective(config)
+    batch = {"rgb": jnp.zeros((2, 32, 32, 3)), "depth": jnp.zeros((2, 32, 32, 1)), "depth_valid": jnp.ones((2, 32, 32, 1))}
+    frozen, initial_params = stage1_start(config, objective)
+    assert frozen is None
+    params = initial_params(objective.init(jax.random.key(0), batch))
+    np.testing.assert_array_equal(params["rgb_encoder"]["blocks"]["blocks_1"]["mlp"]["fc2"]["kernel"],
+                                  source["blocks"]["blocks_1"]["mlp"]["fc2"]["kernel"])
+    rgb_kernel = np.asarray(source["patch_embed"]["proj"]["kernel"])
+    np.testing.assert_allclose(params["depth_encoder"]["patch_embed"]["proj"]["kernel"][..., 0, :],
+                               rgb_kernel.mean(axis=2), rtol=1e-6)  # depth: the colour channels averaged
+    config.init_from_mae = str(tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match=r"config\.init_from_mae="):
+        stage1_start(config, objective)[1](objective.init(jax.random.key(0), batch))
+
+
+def test_stage2_with_distillation_needs_init_from():
+    from mmcmae_jax.objectives import make_objective
+    from mmcmae_jax.pretrain import stage1_start
+    config = tiny_stage(2)
+    with pytest.raises(ValueError, match=r"config\.init_from"):
+        stage1_start(config, make_objective(config))

@@ -73,9 +73,13 @@ def pretrain_config(stage: int) -> ml_collections.ConfigDict:
     return config
 
 
+class ConfigError(ValueError):
+    """A config field has a bad value; the message starts with the field's path."""
+
+
 def _check(condition: bool, field: str, message: str):
     if not condition:
-        raise ValueError(f"config.{field}: {message}")
+        raise ConfigError(f"config.{field}: {message}")
 
 
 def validate_model(model: ml_collections.ConfigDict):
@@ -83,7 +87,7 @@ def validate_model(model: ml_collections.ConfigDict):
     try:
         spec = parse_variant(model.variant)
     except ValueError as err:
-        raise ValueError(f"config.model.variant: {err}") from None
+        raise ConfigError(f"config.model.variant: {err}") from None
     _check(model.image_size > 0 and model.image_size % spec.patch_size == 0, "model.image_size",
            f"{model.image_size} must be a positive multiple of the patch size {spec.patch_size}")
     _check(model.pos_embed in ("sincos", "learned"), "model.pos_embed", f"{model.pos_embed!r} is not 'sincos' or 'learned'")
@@ -157,11 +161,16 @@ def validate_training(config: ml_collections.ConfigDict):
         _check(int(config[field]) == config[field] and config[field] > 0, field, f"must be a positive integer, got {config[field]!r}")
     _check(config.image_every >= 0, "image_every", f"must be >= 0, got {config.image_every}")
     _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
+    from mmcmae_jax.train.optim import make_optimizer
+    try:
+        make_optimizer(config.optim, config.total_steps, config.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     from mmcmae_jax.data import validate_data_config
     try:
         validate_data_config(config.data)
     except ValueError as err:
-        raise ValueError(f"config.data: {err}") from None
+        raise ConfigError(f"config.data: {err}") from None
 
 # ViT presets for the paper-scale configs: (variant, global batch, steps).
 PRESETS = {

@@ -51,14 +51,14 @@ def initialize_distributed():
 
 def run(config, workdir: str) -> dict:
     """Run every stage of `config` (or the config itself, if it is one stage). Returns {stage: result}."""
-    from mmcmae_jax.config import validate_training
+    from mmcmae_jax.config import ConfigError, validate_training
     if "stages" not in config:
         return {"train": run_stage(config, workdir, "train")}
     for name in config.stages:  # every stage's config is checked before the first one starts
         try:
             validate_training(config[name])
         except ValueError as err:
-            raise ValueError(str(err).replace("config.", f"config.{name}.", 1)) from None
+            raise ConfigError(str(err).replace("config.", f"config.{name}.", 1)) from None
     results, previous = {}, None
     for name in config.stages:
         stage_config = config[name]
@@ -147,7 +147,12 @@ def main(argv):
     if not flags.FLAGS["verbosity"].present:
         absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     initialize_distributed()
-    results = run(_CONFIG.value, _WORKDIR.value)
+    from mmcmae_jax.config import ConfigError
+    try:
+        results = run(_CONFIG.value, _WORKDIR.value)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
     if any(result.preempted for result in results.values()):
         sys.exit(143)  # stopped by SIGTERM after saving: not finished, so a `&&` chain stops here
 

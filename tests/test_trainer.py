@@ -63,8 +63,8 @@ def test_fsdp_spec_splits_large_leaves_only():
     assert fsdp_spec((768, 2304), 1) == jax.sharding.PartitionSpec()
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_data_parallel_and_fsdp_on_8_devices_match_one_device(tmp_path, stage):
+def test_data_parallel_and_fsdp_on_8_devices_match_one_device(tmp_path):
+    stage = 2  # the step is the same code for both stages; stage 2 has the most parameter kinds
     one = run_tiny(tmp_path, "one", "--stage", str(stage))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     dp = run_tiny(tmp_path, "dp", "--stage", str(stage), env=env)

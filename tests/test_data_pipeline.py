@@ -1,4 +1,5 @@
 """The grain pipeline: batch contract, exact resume, per-process sharding, config validation."""
+
 import numpy as np
 import pytest
 
@@ -9,142 +10,149 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def data_procedural_shards(tmp_path_factory):
-  root = tmp_path_factory.mktemp("proc")
-  return {fmt: procedural.write_procedural_dataset(str(root / fmt), 12, 40, seed=1, num_shards=3,
-                                                   format=fmt, depth_noise=True, num_workers=1)
-          for fmt in records.FORMATS}
+    root = tmp_path_factory.mktemp("proc")
+    return {
+        fmt: procedural.write_procedural_dataset(
+            str(root / fmt), 12, 40, seed=1, num_shards=3, format=fmt, depth_noise=True, num_workers=1
+        )
+        for fmt in records.FORMATS
+    }
 
 
 def _make(paths, **kw):
-  args = dict(batch_size=4, image_size=SIZE, train=True, seed=0, shard_index=0, shard_count=1,
-              shuffle_buffer=8)
-  args.update(kw)
-  return pipeline.make_pipeline(paths, **args)
+    args = dict(
+        batch_size=4, image_size=SIZE, train=True, seed=0, shard_index=0, shard_count=1, shuffle_buffer=8
+    )
+    args.update(kw)
+    return pipeline.make_pipeline(paths, **args)
 
 
 @pytest.mark.parametrize("fmt", records.FORMATS)
 def test_batch_contract(data_procedural_shards, fmt):
-  batch = next(_make(data_procedural_shards[fmt]))
-  assert set(batch) == {"rgb", "depth", "depth_valid", "depth_m", "label"}
-  assert batch["rgb"].shape == (4, SIZE, SIZE, 3) and batch["rgb"].dtype == np.float32
-  for key in ("depth", "depth_valid", "depth_m"):
-    assert batch[key].shape == (4, SIZE, SIZE, 1) and batch[key].dtype == np.float32
-  assert batch["label"].shape == (4, SIZE, SIZE) and batch["label"].dtype == np.int32
-  valid = batch["depth_valid"] > 0
-  assert set(np.unique(batch["depth_valid"])) <= {0.0, 1.0}
-  assert np.all(batch["depth"][~valid] == 0) and np.all(batch["depth_m"][~valid] == 0)
-  assert np.all(batch["depth_m"][valid] > 0)
-  assert set(np.unique(batch["label"])) <= set(range(len(procedural.CLASS_NAMES)))
+    batch = next(_make(data_procedural_shards[fmt]))
+    assert set(batch) == {"rgb", "depth", "depth_valid", "depth_m", "label"}
+    assert batch["rgb"].shape == (4, SIZE, SIZE, 3) and batch["rgb"].dtype == np.float32
+    for key in ("depth", "depth_valid", "depth_m"):
+        assert batch[key].shape == (4, SIZE, SIZE, 1) and batch[key].dtype == np.float32
+    assert batch["label"].shape == (4, SIZE, SIZE) and batch["label"].dtype == np.int32
+    valid = batch["depth_valid"] > 0
+    assert set(np.unique(batch["depth_valid"])) <= {0.0, 1.0}
+    assert np.all(batch["depth"][~valid] == 0) and np.all(batch["depth_m"][~valid] == 0)
+    assert np.all(batch["depth_m"][valid] > 0)
+    assert set(np.unique(batch["label"])) <= set(range(len(procedural.CLASS_NAMES)))
 
 
 @pytest.mark.parametrize("fmt", records.FORMATS)
 def test_resume_sees_the_same_batches(data_procedural_shards, fmt):
-  paths = data_procedural_shards[fmt]
-  straight = _make(paths)
-  for _ in range(2):
-    next(straight)
-  state = straight.get_state()
-  expected = [next(straight) for _ in range(5)]  # crosses an epoch boundary (12 frames)
-  resumed = _make(paths)
-  resumed.set_state(state)
-  for want in expected:
-    got = next(resumed)
-    for key in want:
-      np.testing.assert_array_equal(got[key], want[key])
+    paths = data_procedural_shards[fmt]
+    straight = _make(paths)
+    for _ in range(2):
+        next(straight)
+    state = straight.get_state()
+    expected = [next(straight) for _ in range(5)]  # crosses an epoch boundary (12 frames)
+    resumed = _make(paths)
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
 
 
 def test_epochs_reshuffle_and_augment_differently(data_procedural_shards):
-  it = _make(data_procedural_shards["array_record"], batch_size=12)
-  first, second = next(it), next(it)
-  assert not np.array_equal(first["rgb"], second["rgb"])
+    it = _make(data_procedural_shards["array_record"], batch_size=12)
+    first, second = next(it), next(it)
+    assert not np.array_equal(first["rgb"], second["rgb"])
 
 
 def test_eval_is_deterministic_and_finite(data_procedural_shards):
-  paths = data_procedural_shards["tfrecord"]
-  a = list(_make(paths, train=False))
-  b = list(_make(paths, train=False))
-  assert len(a) == 3  # one pass, 12 frames, batches of 4
-  for x, y in zip(a, b):
-    np.testing.assert_array_equal(x["depth"], y["depth"])
+    paths = data_procedural_shards["tfrecord"]
+    a = list(_make(paths, train=False))
+    b = list(_make(paths, train=False))
+    assert len(a) == 3  # one pass, 12 frames, batches of 4
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["depth"], y["depth"])
 
 
 @pytest.mark.parametrize("fmt", records.FORMATS)
 def test_processes_get_disjoint_parts(data_procedural_shards, fmt):
-  paths = data_procedural_shards[fmt]
-  parts = [list(_make(paths, train=False, batch_size=1, shard_index=i, shard_count=2)) for i in range(2)]
-  sums = [{float(b["depth_m"].sum()) for b in part} for part in parts]
-  assert len(parts[0]) + len(parts[1]) == 12 and len(parts[0]) >= 5 and len(parts[1]) >= 5
-  assert not sums[0] & sums[1]
+    paths = data_procedural_shards[fmt]
+    parts = [list(_make(paths, train=False, batch_size=1, shard_index=i, shard_count=2)) for i in range(2)]
+    sums = [{float(b["depth_m"].sum()) for b in part} for part in parts]
+    assert len(parts[0]) + len(parts[1]) == 12 and len(parts[0]) >= 5 and len(parts[1]) >= 5
+    assert not sums[0] & sums[1]
 
 
 def test_depth_standardisation_trims_tails():
-  depth = np.linspace(1, 2, 100).reshape(10, 10).astype(np.float32)
-  depth[0, 0] = 50.0  # an outlier the trimmed statistics ignore
-  valid = depth > 0
-  valid[9, 9] = False
-  out = augment.standardize_depth(depth, valid, 0.1)
-  kept = depth[valid]
-  lo, hi = np.quantile(kept, [0.1, 0.9])
-  core = kept[(kept >= lo) & (kept <= hi)]
-  np.testing.assert_allclose(out[5, 5], (depth[5, 5] - core.mean()) / core.std(), rtol=1e-5)
-  assert out[9, 9] == 0
+    depth = np.linspace(1, 2, 100).reshape(10, 10).astype(np.float32)
+    depth[0, 0] = 50.0  # an outlier the trimmed statistics ignore
+    valid = depth > 0
+    valid[9, 9] = False
+    out = augment.standardize_depth(depth, valid, 0.1)
+    kept = depth[valid]
+    lo, hi = np.quantile(kept, [0.1, 0.9])
+    core = kept[(kept >= lo) & (kept <= hi)]
+    np.testing.assert_allclose(out[5, 5], (depth[5, 5] - core.mean()) / core.std(), rtol=1e-5)
+    assert out[9, 9] == 0
 
 
 def test_geometry_keeps_modalities_aligned():
-  # A frame whose left half is near/labelled 1 and right half far/labelled 2, with a hole column.
-  rgb = np.zeros((20, 20, 3), np.uint8); rgb[:, :10] = 255
-  depth = np.where(np.arange(20)[None] < 10, 1.0, 3.0).repeat(20, 0).astype(np.float32)
-  depth[:, 15] = 0
-  label = np.where(np.arange(20)[None] < 10, 1, 2).repeat(20, 0).astype(np.int32)
-  frame = schema.DecodedFrame(rgb, depth, label, "x")
-  rgb_o, depth_o, valid_o, label_o = augment.resize_frame(frame, (0, 0, 20, 20), 10, flip=True)
-  assert set(np.unique(label_o)) == {1, 2}  # nearest neighbour: no invented classes
-  np.testing.assert_array_equal(label_o[:, -1], 1)  # flipped: the left half is now on the right
-  np.testing.assert_array_equal(depth_o[:, 7:], 1.0)  # away from the edge, depth moved with labels
-  assert depth_o[valid_o].min() >= 1.0 and depth_o.max() <= 3.0  # holes never pull depth to 0
-  assert np.all(depth_o[valid_o] > 0) and not valid_o.all()  # the hole column survives, unblurred
-  assert np.all(rgb_o[:, -1] == 255)
+    # A frame whose left half is near/labelled 1 and right half far/labelled 2, with a hole column.
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    rgb[:, :10] = 255
+    depth = np.where(np.arange(20)[None] < 10, 1.0, 3.0).repeat(20, 0).astype(np.float32)
+    depth[:, 15] = 0
+    label = np.where(np.arange(20)[None] < 10, 1, 2).repeat(20, 0).astype(np.int32)
+    frame = schema.DecodedFrame(rgb, depth, label, "x")
+    rgb_o, depth_o, valid_o, label_o = augment.resize_frame(frame, (0, 0, 20, 20), 10, flip=True)
+    assert set(np.unique(label_o)) == {1, 2}  # nearest neighbour: no invented classes
+    np.testing.assert_array_equal(label_o[:, -1], 1)  # flipped: the left half is now on the right
+    np.testing.assert_array_equal(depth_o[:, 7:], 1.0)  # away from the edge, depth moved with labels
+    assert depth_o[valid_o].min() >= 1.0 and depth_o.max() <= 3.0  # holes never pull depth to 0
+    assert np.all(depth_o[valid_o] > 0) and not valid_o.all()  # the hole column survives, unblurred
+    assert np.all(rgb_o[:, -1] == 255)
 
 
 def test_config_validation_names_the_field():
-  c = config.default_data_config()
-  config.validate_data_config(c)
-  for field, value in [("depth_trim", 0.7), ("batch_size", 0), ("format", "hdf5"), ("hflip_prob", 2.0)]:
-    bad = config.default_data_config()
-    bad[field] = value
-    with pytest.raises(ValueError, match=field):
-      config.validate_data_config(bad)
+    c = config.default_data_config()
+    config.validate_data_config(c)
+    for field, value in [("depth_trim", 0.7), ("batch_size", 0), ("format", "hdf5"), ("hflip_prob", 2.0)]:
+        bad = config.default_data_config()
+        bad[field] = value
+        with pytest.raises(ValueError, match=field):
+            config.validate_data_config(bad)
 
 
 def test_pipeline_from_config_reads_records(data_procedural_shards):
-  c = config.default_data_config()
-  c.path = ",".join(data_procedural_shards["array_record"])
-  c.image_size, c.batch_size = SIZE, 2
-  batch = next(config.pipeline_from_config(c, train=True, shard_index=0, shard_count=1))
-  assert batch["rgb"].shape == (2, SIZE, SIZE, 3)
+    c = config.default_data_config()
+    c.path = ",".join(data_procedural_shards["array_record"])
+    c.image_size, c.batch_size = SIZE, 2
+    batch = next(config.pipeline_from_config(c, train=True, shard_index=0, shard_count=1))
+    assert batch["rgb"].shape == (2, SIZE, SIZE, 3)
 
 
 def test_grain_workers_give_the_same_batches(data_procedural_shards):
-  from absl import flags
-  flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
-  for fmt in records.FORMATS:
-    paths = data_procedural_shards[fmt]
-    in_process = [next(it) for it in [_make(paths, train=False)] for _ in range(2)]
-    with_worker = [next(it) for it in [_make(paths, train=False, worker_count=1)] for _ in range(2)]
-    for a, b in zip(in_process, with_worker):
-      np.testing.assert_array_equal(a["depth"], b["depth"])
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    for fmt in records.FORMATS:
+        paths = data_procedural_shards[fmt]
+        in_process = [next(it) for it in [_make(paths, train=False)] for _ in range(2)]
+        with_worker = [next(it) for it in [_make(paths, train=False, worker_count=1)] for _ in range(2)]
+        for a, b in zip(in_process, with_worker):
+            np.testing.assert_array_equal(a["depth"], b["depth"])
 
 
 def test_orbax_checkpoints_the_iterator(data_procedural_shards, tmp_path):
-  import grain
-  import orbax.checkpoint as ocp
-  paths = data_procedural_shards["array_record"]
-  it = _make(paths)
-  next(it)
-  manager = ocp.CheckpointManager(str(tmp_path / "ckpt"), options=ocp.CheckpointManagerOptions(create=True))
-  manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
-  manager.wait_until_finished()
-  expected = next(it)
-  restored = _make(paths)
-  manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
-  np.testing.assert_array_equal(next(restored)["rgb"], expected["rgb"])
+    import grain
+    import orbax.checkpoint as ocp
+
+    paths = data_procedural_shards["array_record"]
+    it = _make(paths)
+    next(it)
+    manager = ocp.CheckpointManager(str(tmp_path / "ckpt"), options=ocp.CheckpointManagerOptions(create=True))
+    manager.save(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+    manager.wait_until_finished()
+    expected = next(it)
+    restored = _make(paths)
+    manager.restore(1, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(restored)))
+    np.testing.assert_array_equal(next(restored)["rgb"], expected["rgb"])

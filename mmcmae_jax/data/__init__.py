@@ -6,21 +6,49 @@ The trainer needs only:
   make_pipeline(paths, batch_size=..., image_size=..., train=..., seed=...)
   write_procedural_dataset(out_dir, num_frames, image_size, seed, num_shards, format)
 """
+
 from mmcmae_jax.data.config import default_data_config, pipeline_from_config, validate_data_config
 from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.data.pipeline import CheckedTFRecordIterDataset, SkipLog, make_pipeline
-from mmcmae_jax.data.procedural import (CLASS_NAMES as PROCEDURAL_CLASS_NAMES,
-                                        ensure_procedural_dataset, render_frame,
-                                        write_procedural_dataset)
-from mmcmae_jax.data.records import (ARRAY_RECORD, TFRECORD, expand_paths, read_records,
-                                     write_records)
-from mmcmae_jax.data.schema import (IGNORE_LABEL, DecodedFrame, RGBDExample, decode_example,
-                                    example_from_arrays, parse_example, serialize_example)
+from mmcmae_jax.data.procedural import (
+    CLASS_NAMES as PROCEDURAL_CLASS_NAMES,
+    ensure_procedural_dataset,
+    render_frame,
+    write_procedural_dataset,
+)
+from mmcmae_jax.data.records import ARRAY_RECORD, TFRECORD, expand_paths, read_records, write_records
+from mmcmae_jax.data.schema import (
+    IGNORE_LABEL,
+    DecodedFrame,
+    RGBDExample,
+    decode_example,
+    example_from_arrays,
+    parse_example,
+    serialize_example,
+)
 
 __all__ = [
-    "ARRAY_RECORD", "TFRECORD", "IGNORE_LABEL", "PROCEDURAL_CLASS_NAMES", "CheckedTFRecordIterDataset",
-    "DecodedFrame", "RGBDExample", "RecordError", "SkipLog", "decode_example",
-    "default_data_config", "ensure_procedural_dataset", "example_from_arrays", "expand_paths",
-    "make_pipeline", "parse_example", "pipeline_from_config", "read_records", "render_frame",
-    "serialize_example", "validate_data_config", "write_procedural_dataset", "write_records",
+    "ARRAY_RECORD",
+    "TFRECORD",
+    "IGNORE_LABEL",
+    "PROCEDURAL_CLASS_NAMES",
+    "CheckedTFRecordIterDataset",
+    "DecodedFrame",
+    "RGBDExample",
+    "RecordError",
+    "SkipLog",
+    "decode_example",
+    "default_data_config",
+    "ensure_procedural_dataset",
+    "example_from_arrays",
+    "expand_paths",
+    "make_pipeline",
+    "parse_example",
+    "pipeline_from_config",
+    "read_records",
+    "render_frame",
+    "serialize_example",
+    "validate_data_config",
+    "write_procedural_dataset",
+    "write_records",
 ]

@@ -1,5 +1,6 @@
 """The input options as an ml_collections ConfigDict, their validation, and the one call from a
 config to a pipeline."""
+
 from __future__ import annotations
 
 import ml_collections
@@ -8,74 +9,111 @@ from mmcmae_jax.data import pipeline, procedural, records
 
 
 def default_data_config() -> ml_collections.ConfigDict:
-  """Defaults of every input option (docs/data.md explains each)."""
-  c = ml_collections.ConfigDict()
-  c.path = ""                    # files, glob, comma list or directory; "" = the procedural demo set
-  c.format = "auto"              # "auto" | "array_record" | "tfrecord"
-  c.image_size = 224
-  c.batch_size = 64              # per process
-  c.seed = 0
-  c.crop_scale = (0.2, 1.0)      # random resized crop, area fraction
-  c.crop_ratio = (3 / 4, 4 / 3)  # random resized crop, aspect ratio
-  c.hflip_prob = 0.5
-  c.brightness = 0.4
-  c.contrast = 0.4
-  c.saturation = 0.2
-  c.depth_trim = 0.1             # fraction trimmed from each tail for depth standardisation
-  c.skip_bad_records = False
-  c.shuffle_buffer = 1024        # TFRecord window shuffle
-  c.cycle_length = 4             # TFRecord shards read at once
-  c.worker_count = 0
-  c.read_threads = 4
-  c.num_epochs = ml_collections.config_dict.placeholder(int)  # None: forever when training
-  # The procedural demo set, written to procedural_dir when path is "".
-  c.procedural_dir = "/tmp/mmcmae_jax_procedural"
-  c.procedural_frames = 10000
-  c.procedural_size = 128
-  c.procedural_shards = 8
-  c.procedural_depth_noise = True
-  return c
+    """Defaults of every input option (docs/data.md explains each)."""
+    c = ml_collections.ConfigDict()
+    c.path = ""  # files, glob, comma list or directory; "" = the procedural demo set
+    c.format = "auto"  # "auto" | "array_record" | "tfrecord"
+    c.image_size = 224
+    c.batch_size = 64  # per process
+    c.seed = 0
+    c.crop_scale = (0.2, 1.0)  # random resized crop, area fraction
+    c.crop_ratio = (3 / 4, 4 / 3)  # random resized crop, aspect ratio
+    c.hflip_prob = 0.5
+    c.brightness = 0.4
+    c.contrast = 0.4
+    c.saturation = 0.2
+    c.depth_trim = 0.1  # fraction trimmed from each tail for depth standardisation
+    c.skip_bad_records = False
+    c.shuffle_buffer = 1024  # TFRecord window shuffle
+    c.cycle_length = 4  # TFRecord shards read at once
+    c.worker_count = 0
+    c.read_threads = 4
+    c.num_epochs = ml_collections.config_dict.placeholder(int)  # None: forever when training
+    # The procedural demo set, written to procedural_dir when path is "".
+    c.procedural_dir = "/tmp/mmcmae_jax_procedural"
+    c.procedural_frames = 10000
+    c.procedural_size = 128
+    c.procedural_shards = 8
+    c.procedural_depth_noise = True
+    return c
 
 
 def _check(ok: bool, field: str, value, want: str):
-  if not ok:
-    raise ValueError(f"data config field {field!r} = {value!r}: {want}")
+    if not ok:
+        raise ValueError(f"data config field {field!r} = {value!r}: {want}")
 
 
 def validate_data_config(c) -> None:
-  """Raise ValueError naming the first bad field."""
-  _check(c.format in ("auto",) + records.FORMATS, "format", c.format, f"must be auto or one of {records.FORMATS}")
-  _check(isinstance(c.image_size, int) and c.image_size >= 8, "image_size", c.image_size, "must be an int >= 8")
-  _check(isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", c.batch_size, "must be an int >= 1")
-  lo, hi = c.crop_scale
-  _check(0 < lo <= hi <= 1, "crop_scale", c.crop_scale, "must be (lo, hi) with 0 < lo <= hi <= 1")
-  _check(0 < c.crop_ratio[0] <= c.crop_ratio[1], "crop_ratio", c.crop_ratio, "must be (lo, hi) with 0 < lo <= hi")
-  _check(0 <= c.hflip_prob <= 1, "hflip_prob", c.hflip_prob, "must be in [0, 1]")
-  for name in ("brightness", "contrast", "saturation"):
-    _check(0 <= c[name] < 1, name, c[name], "must be in [0, 1)")
-  _check(0 <= c.depth_trim < 0.5, "depth_trim", c.depth_trim, "must be in [0, 0.5)")
-  _check(c.shuffle_buffer >= 0, "shuffle_buffer", c.shuffle_buffer, "must be >= 0")
-  _check(c.cycle_length >= 1, "cycle_length", c.cycle_length, "must be >= 1")
-  _check(c.worker_count >= 0, "worker_count", c.worker_count, "must be >= 0")
-  _check(c.read_threads >= 1, "read_threads", c.read_threads, "must be >= 1")
-  _check(c.num_epochs is None or c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be None or >= 1")
-  _check(isinstance(c.skip_bad_records, bool), "skip_bad_records", c.skip_bad_records, "must be a bool")
+    """Raise ValueError naming the first bad field."""
+    _check(
+        c.format in ("auto",) + records.FORMATS,
+        "format",
+        c.format,
+        f"must be auto or one of {records.FORMATS}",
+    )
+    _check(
+        isinstance(c.image_size, int) and c.image_size >= 8, "image_size", c.image_size, "must be an int >= 8"
+    )
+    _check(
+        isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", c.batch_size, "must be an int >= 1"
+    )
+    lo, hi = c.crop_scale
+    _check(0 < lo <= hi <= 1, "crop_scale", c.crop_scale, "must be (lo, hi) with 0 < lo <= hi <= 1")
+    _check(
+        0 < c.crop_ratio[0] <= c.crop_ratio[1],
+        "crop_ratio",
+        c.crop_ratio,
+        "must be (lo, hi) with 0 < lo <= hi",
+    )
+    _check(0 <= c.hflip_prob <= 1, "hflip_prob", c.hflip_prob, "must be in [0, 1]")
+    for name in ("brightness", "contrast", "saturation"):
+        _check(0 <= c[name] < 1, name, c[name], "must be in [0, 1)")
+    _check(0 <= c.depth_trim < 0.5, "depth_trim", c.depth_trim, "must be in [0, 0.5)")
+    _check(c.shuffle_buffer >= 0, "shuffle_buffer", c.shuffle_buffer, "must be >= 0")
+    _check(c.cycle_length >= 1, "cycle_length", c.cycle_length, "must be >= 1")
+    _check(c.worker_count >= 0, "worker_count", c.worker_count, "must be >= 0")
+    _check(c.read_threads >= 1, "read_threads", c.read_threads, "must be >= 1")
+    _check(c.num_epochs is None or c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be None or >= 1")
+    _check(isinstance(c.skip_bad_records, bool), "skip_bad_records", c.skip_bad_records, "must be a bool")
 
 
-def pipeline_from_config(c, *, train: bool, shard_index: int | None = None,
-                         shard_count: int | None = None, skip_log=None):
-  """Validate `c` and build the pipeline; an empty path makes (once) and reads the procedural set."""
-  validate_data_config(c)
-  path = c.path
-  if not path:
-    path = procedural.ensure_procedural_dataset(
-        c.procedural_dir, c.procedural_frames, c.procedural_size, c.seed, c.procedural_shards,
-        records.ARRAY_RECORD, c.procedural_depth_noise)
-  return pipeline.make_pipeline(
-      path, batch_size=c.batch_size, image_size=c.image_size, train=train, seed=c.seed,
-      format=c.format, crop_scale=tuple(c.crop_scale), crop_ratio=tuple(c.crop_ratio),
-      hflip_prob=c.hflip_prob, brightness=c.brightness, contrast=c.contrast, saturation=c.saturation,
-      depth_trim=c.depth_trim, shuffle_buffer=c.shuffle_buffer, cycle_length=c.cycle_length,
-      num_epochs=c.num_epochs, shard_index=shard_index, shard_count=shard_count,
-      skip_bad_records=c.skip_bad_records, worker_count=c.worker_count,
-      read_threads=c.read_threads, skip_log=skip_log)
+def pipeline_from_config(
+    c, *, train: bool, shard_index: int | None = None, shard_count: int | None = None, skip_log=None
+):
+    """Validate `c` and build the pipeline; an empty path makes (once) and reads the procedural set."""
+    validate_data_config(c)
+    path = c.path
+    if not path:
+        path = procedural.ensure_procedural_dataset(
+            c.procedural_dir,
+            c.procedural_frames,
+            c.procedural_size,
+            c.seed,
+            c.procedural_shards,
+            records.ARRAY_RECORD,
+            c.procedural_depth_noise,
+        )
+    return pipeline.make_pipeline(
+        path,
+        batch_size=c.batch_size,
+        image_size=c.image_size,
+        train=train,
+        seed=c.seed,
+        format=c.format,
+        crop_scale=tuple(c.crop_scale),
+        crop_ratio=tuple(c.crop_ratio),
+        hflip_prob=c.hflip_prob,
+        brightness=c.brightness,
+        contrast=c.contrast,
+        saturation=c.saturation,
+        depth_trim=c.depth_trim,
+        shuffle_buffer=c.shuffle_buffer,
+        cycle_length=c.cycle_length,
+        num_epochs=c.num_epochs,
+        shard_index=shard_index,
+        shard_count=shard_count,
+        skip_bad_records=c.skip_bad_records,
+        worker_count=c.worker_count,
+        read_threads=c.read_threads,
+        skip_log=skip_log,
+    )

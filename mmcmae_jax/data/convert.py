@@ -4,6 +4,7 @@ Subcommands: folder, nyu-mat, sunrgbd, scannet, tum, procedural. See docs/data.m
 layout and depth units. Every frame is decoded and checked before it is written (sizes, valid depth,
 intrinsics), so a shard never holds a record the pipeline would reject.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,137 +17,176 @@ from mmcmae_jax.data import procedural, records, schema, sources
 from mmcmae_jax.data.pipeline import SkipLog
 
 
-def write_example_shards(examples: Iterable[schema.RGBDExample], out_dir: str, prefix: str,
-                         num_shards: int = 1, fmt: str = records.ARRAY_RECORD, *,
-                         source_path: str = "", skip_log: SkipLog | None = None) -> list[str]:
-  """Check and write examples round-robin into num_shards shards; returns the shard paths.
+def write_example_shards(
+    examples: Iterable[schema.RGBDExample],
+    out_dir: str,
+    prefix: str,
+    num_shards: int = 1,
+    fmt: str = records.ARRAY_RECORD,
+    *,
+    source_path: str = "",
+    skip_log: SkipLog | None = None,
+) -> list[str]:
+    """Check and write examples round-robin into num_shards shards; returns the shard paths.
 
-  A bad frame raises RecordError, or with skip_log is counted there and left out."""
-  os.makedirs(out_dir, exist_ok=True)
-  paths = [records.shard_name(out_dir, prefix, i, num_shards, fmt) for i in range(num_shards)]
-  writers = [records.open_writer(p, fmt) for p in paths]
-  written = 0
-  try:
-    for ex in examples:
-      try:
-        schema.decode_example(ex, path=source_path or ex.source, record=ex.frame_id)
-      except schema.RecordError as e:
-        if skip_log is None:
-          raise
-        skip_log.add(e)
-        continue
-      writers[written % num_shards].write(schema.serialize_example(ex))
-      written += 1
-  finally:
-    for w in writers:
-      w.close()
-  logging.info("wrote %d frames to %d %s shards in %s", written, num_shards, fmt, out_dir)
-  if skip_log is not None and skip_log.count:
-    logging.warning("skipped %d bad frames", skip_log.count)
-  return paths
+    A bad frame raises RecordError, or with skip_log is counted there and left out."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [records.shard_name(out_dir, prefix, i, num_shards, fmt) for i in range(num_shards)]
+    writers = [records.open_writer(p, fmt) for p in paths]
+    written = 0
+    try:
+        for ex in examples:
+            try:
+                schema.decode_example(ex, path=source_path or ex.source, record=ex.frame_id)
+            except schema.RecordError as e:
+                if skip_log is None:
+                    raise
+                skip_log.add(e)
+                continue
+            writers[written % num_shards].write(schema.serialize_example(ex))
+            written += 1
+    finally:
+        for w in writers:
+            w.close()
+    logging.info("wrote %d frames to %d %s shards in %s", written, num_shards, fmt, out_dir)
+    if skip_log is not None and skip_log.count:
+        logging.warning("skipped %d bad frames", skip_log.count)
+    return paths
 
 
 def _floats(text: str):
-  values = tuple(float(v) for v in text.split(","))
-  if len(values) != 4:
-    raise argparse.ArgumentTypeError("intrinsics are fx,fy,cx,cy")
-  return values
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 4:
+        raise argparse.ArgumentTypeError("intrinsics are fx,fy,cx,cy")
+    return values
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="python -m mmcmae_jax.data.convert", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="python -m mmcmae_jax.data.convert",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
 
-  def add(name, help_text):
-    p = sub.add_parser(name, help=help_text, description=help_text)
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--prefix", default=name.replace("-", "_"), help="shard file name prefix")
-    p.add_argument("--num-shards", type=int, default=1)
-    p.add_argument("--format", choices=records.FORMATS, default=records.ARRAY_RECORD)
-    p.add_argument("--skip-bad", action="store_true", help="count, log and leave out bad frames")
-    return p
+    def add(name, help_text):
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--out", required=True, help="output directory")
+        p.add_argument("--prefix", default=name.replace("-", "_"), help="shard file name prefix")
+        p.add_argument("--num-shards", type=int, default=1)
+        p.add_argument("--format", choices=records.FORMATS, default=records.ARRAY_RECORD)
+        p.add_argument("--skip-bad", action="store_true", help="count, log and leave out bad frames")
+        return p
 
-  p = add("folder", "a folder of paired RGB / depth (/ label) files, matched by file stem")
-  p.add_argument("--root", required=True)
-  p.add_argument("--rgb", required=True, help="glob under root, e.g. 'rgb/*.png'")
-  p.add_argument("--depth", required=True, help="glob under root, e.g. 'depth/*.png' (uint16 PNG)")
-  p.add_argument("--depth-scale", type=float, required=True, help="metres per depth unit, e.g. 0.001")
-  p.add_argument("--depth-encoding", choices=("plain", "sunrgbd"), default="plain")
-  p.add_argument("--label", help="glob of label PNGs under root")
-  p.add_argument("--label-set", help="name of the labels' class set, e.g. nyu40")
-  p.add_argument("--labels-one-based", action="store_true", help="labels are 1..K with 0 = unlabelled")
-  p.add_argument("--intrinsics", type=_floats, help="fx,fy,cx,cy")
-  p.add_argument("--source", default="folder", help="source name stored in each record")
+    p = add("folder", "a folder of paired RGB / depth (/ label) files, matched by file stem")
+    p.add_argument("--root", required=True)
+    p.add_argument("--rgb", required=True, help="glob under root, e.g. 'rgb/*.png'")
+    p.add_argument("--depth", required=True, help="glob under root, e.g. 'depth/*.png' (uint16 PNG)")
+    p.add_argument("--depth-scale", type=float, required=True, help="metres per depth unit, e.g. 0.001")
+    p.add_argument("--depth-encoding", choices=("plain", "sunrgbd"), default="plain")
+    p.add_argument("--label", help="glob of label PNGs under root")
+    p.add_argument("--label-set", help="name of the labels' class set, e.g. nyu40")
+    p.add_argument("--labels-one-based", action="store_true", help="labels are 1..K with 0 = unlabelled")
+    p.add_argument("--intrinsics", type=_floats, help="fx,fy,cx,cy")
+    p.add_argument("--source", default="folder", help="source name stored in each record")
 
-  p = add("nyu-mat", "NYU Depth V2 labeled set (nyu_depth_v2_labeled.mat, v7.3; depth in metres)")
-  p.add_argument("--mat", required=True)
-  p.add_argument("--label-map", help="894 -> K class mapping (.json/.npy/.txt, 1-based targets)")
-  p.add_argument("--label-set", default="nyu40", help="name of the mapped class set (nyu40, nyu13)")
+    p = add("nyu-mat", "NYU Depth V2 labeled set (nyu_depth_v2_labeled.mat, v7.3; depth in metres)")
+    p.add_argument("--mat", required=True)
+    p.add_argument("--label-map", help="894 -> K class mapping (.json/.npy/.txt, 1-based targets)")
+    p.add_argument("--label-set", default="nyu40", help="name of the mapped class set (nyu40, nyu13)")
 
-  p = add("sunrgbd", "SUN RGB-D (SUNRGBD/{split}/color, {split}_depth[_raw]; bit-rotated millimetres)")
-  p.add_argument("--root", required=True, help="the SUNRGBD folder")
-  p.add_argument("--split", default="train")
-  p.add_argument("--raw-depth", action="store_true", help="use *_depth_raw (with holes)")
+    p = add("sunrgbd", "SUN RGB-D (SUNRGBD/{split}/color, {split}_depth[_raw]; bit-rotated millimetres)")
+    p.add_argument("--root", required=True, help="the SUNRGBD folder")
+    p.add_argument("--split", default="train")
+    p.add_argument("--raw-depth", action="store_true", help="use *_depth_raw (with holes)")
 
-  p = add("scannet", "ScanNet exported frames (color/*.jpg, depth/*.png mm, label-filt/*.png)")
-  p.add_argument("--root", required=True, help="a scene folder, or a folder of scene folders")
-  p.add_argument("--label-map", help="scannetv2-labels.combined.tsv")
-  p.add_argument("--label-column", default="nyu40id")
-  p.add_argument("--label-set", default="nyu40")
+    p = add("scannet", "ScanNet exported frames (color/*.jpg, depth/*.png mm, label-filt/*.png)")
+    p.add_argument("--root", required=True, help="a scene folder, or a folder of scene folders")
+    p.add_argument("--label-map", help="scannetv2-labels.combined.tsv")
+    p.add_argument("--label-column", default="nyu40id")
+    p.add_argument("--label-set", default="nyu40")
 
-  p = add("tum", "a TUM RGB-D sequence (rgb.txt, depth.txt; depth / 5000 = metres)")
-  p.add_argument("--root", required=True)
-  p.add_argument("--max-difference", type=float, default=0.02, help="seconds, for association")
-  p.add_argument("--intrinsics", type=_floats, help="fx,fy,cx,cy")
+    p = add("tum", "a TUM RGB-D sequence (rgb.txt, depth.txt; depth / 5000 = metres)")
+    p.add_argument("--root", required=True)
+    p.add_argument("--max-difference", type=float, default=0.02, help="seconds, for association")
+    p.add_argument("--intrinsics", type=_floats, help="fx,fy,cx,cy")
 
-  p = add("procedural", "procedural RGB-D rooms (the demo data set)")
-  p.add_argument("--num-frames", type=int, required=True)
-  p.add_argument("--size", type=int, default=128)
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--depth-noise", action="store_true", help="sensor-like noise and holes")
-  p.add_argument("--workers", type=int, default=None)
-  return parser
+    p = add("procedural", "procedural RGB-D rooms (the demo data set)")
+    p.add_argument("--num-frames", type=int, required=True)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--depth-noise", action="store_true", help="sensor-like noise and holes")
+    p.add_argument("--workers", type=int, default=None)
+    return parser
 
 
 def main(argv=None) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-  args = build_parser().parse_args(argv)
-  skip_log = SkipLog() if args.skip_bad else None
-  if args.command == "procedural":
-    paths = procedural.write_procedural_dataset(args.out, args.num_frames, args.size, args.seed,
-                                                args.num_shards, args.format, args.depth_noise,
-                                                args.workers, prefix=args.prefix)
-  else:
-    if args.command == "folder":
-      examples = sources.folder_examples(
-          args.root, args.rgb, args.depth, args.depth_scale, label_pattern=args.label,
-          label_set=args.label_set, labels_one_based=args.labels_one_based,
-          depth_encoding=args.depth_encoding, intrinsics=args.intrinsics, source=args.source,
-          skip_log=skip_log)
-      where = args.root
-    elif args.command == "nyu-mat":
-      examples = sources.nyu_mat_examples(args.mat, label_map=args.label_map, label_set=args.label_set,
-                                          skip_log=skip_log)
-      where = args.mat
-    elif args.command == "sunrgbd":
-      examples = sources.sunrgbd_examples(args.root, args.split, args.raw_depth, skip_log=skip_log)
-      where = args.root
-    elif args.command == "scannet":
-      examples = sources.scannet_examples(args.root, label_map=args.label_map,
-                                          label_column=args.label_column, label_set=args.label_set,
-                                          skip_log=skip_log)
-      where = args.root
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    args = build_parser().parse_args(argv)
+    skip_log = SkipLog() if args.skip_bad else None
+    if args.command == "procedural":
+        paths = procedural.write_procedural_dataset(
+            args.out,
+            args.num_frames,
+            args.size,
+            args.seed,
+            args.num_shards,
+            args.format,
+            args.depth_noise,
+            args.workers,
+            prefix=args.prefix,
+        )
     else:
-      examples = sources.tum_examples(args.root, max_difference=args.max_difference,
-                                      intrinsics=args.intrinsics, skip_log=skip_log)
-      where = args.root
-    paths = write_example_shards(examples, args.out, args.prefix, args.num_shards, args.format,
-                                 source_path=where, skip_log=skip_log)
-  for path in paths:
-    print(path)
-  return 0
+        if args.command == "folder":
+            examples = sources.folder_examples(
+                args.root,
+                args.rgb,
+                args.depth,
+                args.depth_scale,
+                label_pattern=args.label,
+                label_set=args.label_set,
+                labels_one_based=args.labels_one_based,
+                depth_encoding=args.depth_encoding,
+                intrinsics=args.intrinsics,
+                source=args.source,
+                skip_log=skip_log,
+            )
+            where = args.root
+        elif args.command == "nyu-mat":
+            examples = sources.nyu_mat_examples(
+                args.mat, label_map=args.label_map, label_set=args.label_set, skip_log=skip_log
+            )
+            where = args.mat
+        elif args.command == "sunrgbd":
+            examples = sources.sunrgbd_examples(args.root, args.split, args.raw_depth, skip_log=skip_log)
+            where = args.root
+        elif args.command == "scannet":
+            examples = sources.scannet_examples(
+                args.root,
+                label_map=args.label_map,
+                label_column=args.label_column,
+                label_set=args.label_set,
+                skip_log=skip_log,
+            )
+            where = args.root
+        else:
+            examples = sources.tum_examples(
+                args.root, max_difference=args.max_difference, intrinsics=args.intrinsics, skip_log=skip_log
+            )
+            where = args.root
+        paths = write_example_shards(
+            examples,
+            args.out,
+            args.prefix,
+            args.num_shards,
+            args.format,
+            source_path=where,
+            skip_log=skip_log,
+        )
+    for path in paths:
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -15,6 +15,7 @@ with the functions here; nothing else in the package knows how a source encodes 
 
 Zero means "no measurement" in every source, and stays so.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,27 +36,27 @@ SOURCE_SCALES = {
 
 
 def sunrgbd_to_millimetres(raw: np.ndarray) -> np.ndarray:
-  """Undo SUN RGB-D's depth encoding: a 16-bit rotation right by 3 bits gives millimetres.
+    """Undo SUN RGB-D's depth encoding: a 16-bit rotation right by 3 bits gives millimetres.
 
-  SUN RGB-D's own toolbox (read3dPoints.m) decodes `bitor(bitshift(d,-3), bitshift(d,16-3))`.
-  """
-  d = np.asarray(raw).astype(np.uint32)
-  return (((d >> 3) | (d << 13)) & 0xFFFF).astype(np.uint16)
+    SUN RGB-D's own toolbox (read3dPoints.m) decodes `bitor(bitshift(d,-3), bitshift(d,16-3))`.
+    """
+    d = np.asarray(raw).astype(np.uint32)
+    return (((d >> 3) | (d << 13)) & 0xFFFF).astype(np.uint16)
 
 
 def metres_to_units(depth_m: np.ndarray, scale: float) -> np.ndarray:
-  """Quantise metric depth to uint16 units of `scale` metres; invalid or out-of-range becomes 0."""
-  depth_m = np.asarray(depth_m, dtype=np.float64)
-  units = np.round(np.where(np.isfinite(depth_m), depth_m, 0.0) / scale)
-  units = np.where((units > 0) & (units <= 65535), units, 0)
-  return units.astype(np.uint16)
+    """Quantise metric depth to uint16 units of `scale` metres; invalid or out-of-range becomes 0."""
+    depth_m = np.asarray(depth_m, dtype=np.float64)
+    units = np.round(np.where(np.isfinite(depth_m), depth_m, 0.0) / scale)
+    units = np.where((units > 0) & (units <= 65535), units, 0)
+    return units.astype(np.uint16)
 
 
 def units_to_metres(units: np.ndarray, scale: float) -> np.ndarray:
-  """Stored uint16 units to float32 metres (0 stays 0: no measurement)."""
-  return (np.asarray(units).astype(np.float32) * np.float32(scale)).astype(np.float32)
+    """Stored uint16 units to float32 metres (0 stays 0: no measurement)."""
+    return (np.asarray(units).astype(np.float32) * np.float32(scale)).astype(np.float32)
 
 
 def valid_depth_mask(depth_m: np.ndarray) -> np.ndarray:
-  """Where depth is a measurement: positive and finite."""
-  return np.isfinite(depth_m) & (depth_m > 0)
+    """Where depth is a measurement: positive and finite."""
+    return np.isfinite(depth_m) & (depth_m > 0)

@@ -13,6 +13,7 @@ Feature keys (all single values unless said):
 
 The protos are the ones tensorflow-datasets ships (`tf_example_generated_pb2`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,147 +32,173 @@ IGNORE_LABEL = 255
 
 @dataclasses.dataclass(frozen=True)
 class RGBDExample:
-  """One RGB-D frame as stored: encoded images plus metadata."""
-  rgb: bytes
-  depth: bytes
-  depth_scale: float
-  frame_id: str
-  source: str
-  rgb_format: str = "png"
-  label: bytes | None = None
-  label_set: str | None = None
-  intrinsics: tuple[float, float, float, float] | None = None
+    """One RGB-D frame as stored: encoded images plus metadata."""
+
+    rgb: bytes
+    depth: bytes
+    depth_scale: float
+    frame_id: str
+    source: str
+    rgb_format: str = "png"
+    label: bytes | None = None
+    label_set: str | None = None
+    intrinsics: tuple[float, float, float, float] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class DecodedFrame:
-  """Pixels of one frame: rgb uint8 (H,W,3), depth in metres float32 (H,W), label int32 (H,W)|None."""
-  rgb: np.ndarray
-  depth_m: np.ndarray
-  label: np.ndarray | None
-  frame_id: str
+    """Pixels of one frame: rgb uint8 (H,W,3), depth in metres float32 (H,W), label int32 (H,W)|None."""
+
+    rgb: np.ndarray
+    depth_m: np.ndarray
+    label: np.ndarray | None
+    frame_id: str
 
 
 def encode_png(array: np.ndarray) -> bytes:
-  """PNG bytes of a uint8 (H,W[,3]) or uint16 (H,W) array."""
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-  return buf.getvalue()
+    """PNG bytes of a uint8 (H,W[,3]) or uint16 (H,W) array."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
-  buf = io.BytesIO()
-  Image.fromarray(array).save(buf, format="JPEG", quality=quality)
-  return buf.getvalue()
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
 
 
-def example_from_arrays(rgb: np.ndarray, depth_units_u16: np.ndarray, depth_scale: float, *,
-                        frame_id: str, source: str, label: np.ndarray | None = None,
-                        label_set: str | None = None, intrinsics=None,
-                        rgb_format: str = "png") -> RGBDExample:
-  """Encode arrays (rgb uint8 HxWx3, depth uint16 units, label ints with 255 = ignore)."""
-  rgb_bytes = encode_png(rgb) if rgb_format == "png" else encode_jpeg(rgb)
-  label_bytes = None
-  if label is not None:
-    label = np.asarray(label)
-    label_bytes = encode_png(label.astype(np.uint8 if label.max(initial=0) < 256 else np.uint16))
-  return RGBDExample(rgb=rgb_bytes, depth=encode_png(depth_units_u16.astype(np.uint16)),
-                     depth_scale=float(depth_scale), frame_id=frame_id, source=source,
-                     rgb_format=rgb_format, label=label_bytes, label_set=label_set,
-                     intrinsics=None if intrinsics is None else tuple(float(v) for v in intrinsics))
+def example_from_arrays(
+    rgb: np.ndarray,
+    depth_units_u16: np.ndarray,
+    depth_scale: float,
+    *,
+    frame_id: str,
+    source: str,
+    label: np.ndarray | None = None,
+    label_set: str | None = None,
+    intrinsics=None,
+    rgb_format: str = "png",
+) -> RGBDExample:
+    """Encode arrays (rgb uint8 HxWx3, depth uint16 units, label ints with 255 = ignore)."""
+    rgb_bytes = encode_png(rgb) if rgb_format == "png" else encode_jpeg(rgb)
+    label_bytes = None
+    if label is not None:
+        label = np.asarray(label)
+        label_bytes = encode_png(label.astype(np.uint8 if label.max(initial=0) < 256 else np.uint16))
+    return RGBDExample(
+        rgb=rgb_bytes,
+        depth=encode_png(depth_units_u16.astype(np.uint16)),
+        depth_scale=float(depth_scale),
+        frame_id=frame_id,
+        source=source,
+        rgb_format=rgb_format,
+        label=label_bytes,
+        label_set=label_set,
+        intrinsics=None if intrinsics is None else tuple(float(v) for v in intrinsics),
+    )
 
 
 def serialize_example(ex: RGBDExample) -> bytes:
-  """The example as serialised `tf.train.Example` bytes."""
-  proto = tf_example_pb2.Example()
-  feat = proto.features.feature
-  feat["rgb/encoded"].bytes_list.value.append(ex.rgb)
-  feat["rgb/format"].bytes_list.value.append(ex.rgb_format.encode())
-  feat["depth/encoded"].bytes_list.value.append(ex.depth)
-  feat["depth/scale"].float_list.value.append(ex.depth_scale)
-  feat["frame_id"].bytes_list.value.append(ex.frame_id.encode())
-  feat["source"].bytes_list.value.append(ex.source.encode())
-  if ex.label is not None:
-    feat["label/encoded"].bytes_list.value.append(ex.label)
-    feat["label/class_set"].bytes_list.value.append((ex.label_set or "").encode())
-  if ex.intrinsics is not None:
-    feat["camera/intrinsics"].float_list.value.extend(ex.intrinsics)
-  return proto.SerializeToString()
+    """The example as serialised `tf.train.Example` bytes."""
+    proto = tf_example_pb2.Example()
+    feat = proto.features.feature
+    feat["rgb/encoded"].bytes_list.value.append(ex.rgb)
+    feat["rgb/format"].bytes_list.value.append(ex.rgb_format.encode())
+    feat["depth/encoded"].bytes_list.value.append(ex.depth)
+    feat["depth/scale"].float_list.value.append(ex.depth_scale)
+    feat["frame_id"].bytes_list.value.append(ex.frame_id.encode())
+    feat["source"].bytes_list.value.append(ex.source.encode())
+    if ex.label is not None:
+        feat["label/encoded"].bytes_list.value.append(ex.label)
+        feat["label/class_set"].bytes_list.value.append((ex.label_set or "").encode())
+    if ex.intrinsics is not None:
+        feat["camera/intrinsics"].float_list.value.extend(ex.intrinsics)
+    return proto.SerializeToString()
 
 
 def parse_example(data: bytes, *, path: str = "<bytes>", record=None) -> RGBDExample:
-  """Serialised bytes back to an RGBDExample; a malformed record raises RecordError."""
-  proto = tf_example_pb2.Example()
-  try:
-    proto.ParseFromString(data)
-  except DecodeError as e:
-    raise RecordError(path, f"not a tf.train.Example ({e})", record=record) from None
-  feat = proto.features.feature
+    """Serialised bytes back to an RGBDExample; a malformed record raises RecordError."""
+    proto = tf_example_pb2.Example()
+    try:
+        proto.ParseFromString(data)
+    except DecodeError as e:
+        raise RecordError(path, f"not a tf.train.Example ({e})", record=record) from None
+    feat = proto.features.feature
 
-  def one_bytes(key, required=True):
-    if key not in feat or not feat[key].bytes_list.value:
-      if required:
-        raise RecordError(path, f"missing feature {key!r}", record=record)
-      return None
-    return feat[key].bytes_list.value[0]
+    def one_bytes(key, required=True):
+        if key not in feat or not feat[key].bytes_list.value:
+            if required:
+                raise RecordError(path, f"missing feature {key!r}", record=record)
+            return None
+        return feat[key].bytes_list.value[0]
 
-  if "depth/scale" not in feat or not feat["depth/scale"].float_list.value:
-    raise RecordError(path, "missing feature 'depth/scale'", record=record)
-  intr = list(feat["camera/intrinsics"].float_list.value) if "camera/intrinsics" in feat else []
-  if intr and len(intr) != 4:
-    raise RecordError(path, f"camera/intrinsics has {len(intr)} values, expected 4", record=record)
-  label_set = one_bytes("label/class_set", required=False)
-  return RGBDExample(
-      rgb=one_bytes("rgb/encoded"), depth=one_bytes("depth/encoded"),
-      # The proto stores float32: take its shortest decimal form, so 0.001 reads back as 0.001.
-      depth_scale=float(str(np.float32(feat["depth/scale"].float_list.value[0]))),
-      frame_id=one_bytes("frame_id").decode(), source=one_bytes("source").decode(),
-      rgb_format=(one_bytes("rgb/format", required=False) or b"png").decode(),
-      label=one_bytes("label/encoded", required=False),
-      label_set=None if label_set is None else label_set.decode(),
-      intrinsics=tuple(float(str(np.float32(v))) for v in intr) if intr else None)
+    if "depth/scale" not in feat or not feat["depth/scale"].float_list.value:
+        raise RecordError(path, "missing feature 'depth/scale'", record=record)
+    intr = list(feat["camera/intrinsics"].float_list.value) if "camera/intrinsics" in feat else []
+    if intr and len(intr) != 4:
+        raise RecordError(path, f"camera/intrinsics has {len(intr)} values, expected 4", record=record)
+    label_set = one_bytes("label/class_set", required=False)
+    return RGBDExample(
+        rgb=one_bytes("rgb/encoded"),
+        depth=one_bytes("depth/encoded"),
+        # The proto stores float32: take its shortest decimal form, so 0.001 reads back as 0.001.
+        depth_scale=float(str(np.float32(feat["depth/scale"].float_list.value[0]))),
+        frame_id=one_bytes("frame_id").decode(),
+        source=one_bytes("source").decode(),
+        rgb_format=(one_bytes("rgb/format", required=False) or b"png").decode(),
+        label=one_bytes("label/encoded", required=False),
+        label_set=None if label_set is None else label_set.decode(),
+        intrinsics=tuple(float(str(np.float32(v))) for v in intr) if intr else None,
+    )
 
 
 def _decode_image(data: bytes, what: str, path, record) -> np.ndarray:
-  try:
-    with Image.open(io.BytesIO(data)) as im:
-      im.load()
-      return np.asarray(im)
-  except Exception as e:  # PIL raises several types for corrupt data.
-    raise RecordError(path, f"cannot decode {what} image ({type(e).__name__}: {e})",
-                      record=record) from None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+            return np.asarray(im)
+    except Exception as e:  # PIL raises several types for corrupt data.
+        raise RecordError(
+            path, f"cannot decode {what} image ({type(e).__name__}: {e})", record=record
+        ) from None
 
 
 def decode_example(ex: RGBDExample, *, path: str = "<bytes>", record=None) -> DecodedFrame:
-  """Decode pixels and check the frame is usable; any problem raises RecordError."""
-  where = dict(path=path, record=record if record is not None else ex.frame_id)
-  rgb = _decode_image(ex.rgb, "rgb", **where)
-  if rgb.ndim == 2:
-    rgb = np.repeat(rgb[..., None], 3, axis=-1)
-  if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
-    raise RecordError(path, f"rgb has shape {rgb.shape}, expected (H, W, 3)", record=where["record"])
-  rgb = rgb[..., :3].astype(np.uint8)
-  units = _decode_image(ex.depth, "depth", **where)
-  if units.ndim != 2:
-    raise RecordError(path, f"depth has shape {units.shape}, expected (H, W)", record=where["record"])
-  if units.shape != rgb.shape[:2]:
-    raise RecordError(path, f"rgb size {rgb.shape[:2]} and depth size {units.shape} differ",
-                      record=where["record"])
-  if not (np.isfinite(ex.depth_scale) and ex.depth_scale > 0):
-    raise RecordError(path, f"depth scale {ex.depth_scale} is not a positive number",
-                      record=where["record"])
-  depth_m = depth_units.units_to_metres(units, ex.depth_scale)
-  if not depth_units.valid_depth_mask(depth_m).any():
-    raise RecordError(path, "frame has no valid depth (all zero)", record=where["record"])
-  if ex.intrinsics is not None and not (np.all(np.isfinite(ex.intrinsics))
-                                        and ex.intrinsics[0] > 0 and ex.intrinsics[1] > 0):
-    raise RecordError(path, f"intrinsics {ex.intrinsics} are not finite positive focal lengths",
-                      record=where["record"])
-  label = None
-  if ex.label is not None:
-    label = _decode_image(ex.label, "label", **where)
-    if label.shape != rgb.shape[:2]:
-      raise RecordError(path, f"label size {label.shape} and rgb size {rgb.shape[:2]} differ",
-                        record=where["record"])
-    label = label.astype(np.int32)
-  return DecodedFrame(rgb=rgb, depth_m=depth_m, label=label, frame_id=ex.frame_id)
+    """Decode pixels and check the frame is usable; any problem raises RecordError."""
+    where = dict(path=path, record=record if record is not None else ex.frame_id)
+    rgb = _decode_image(ex.rgb, "rgb", **where)
+    if rgb.ndim == 2:
+        rgb = np.repeat(rgb[..., None], 3, axis=-1)
+    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        raise RecordError(path, f"rgb has shape {rgb.shape}, expected (H, W, 3)", record=where["record"])
+    rgb = rgb[..., :3].astype(np.uint8)
+    units = _decode_image(ex.depth, "depth", **where)
+    if units.ndim != 2:
+        raise RecordError(path, f"depth has shape {units.shape}, expected (H, W)", record=where["record"])
+    if units.shape != rgb.shape[:2]:
+        raise RecordError(
+            path, f"rgb size {rgb.shape[:2]} and depth size {units.shape} differ", record=where["record"]
+        )
+    if not (np.isfinite(ex.depth_scale) and ex.depth_scale > 0):
+        raise RecordError(
+            path, f"depth scale {ex.depth_scale} is not a positive number", record=where["record"]
+        )
+    depth_m = depth_units.units_to_metres(units, ex.depth_scale)
+    if not depth_units.valid_depth_mask(depth_m).any():
+        raise RecordError(path, "frame has no valid depth (all zero)", record=where["record"])
+    if ex.intrinsics is not None and not (
+        np.all(np.isfinite(ex.intrinsics)) and ex.intrinsics[0] > 0 and ex.intrinsics[1] > 0
+    ):
+        raise RecordError(
+            path, f"intrinsics {ex.intrinsics} are not finite positive focal lengths", record=where["record"]
+        )
+    label = None
+    if ex.label is not None:
+        label = _decode_image(ex.label, "label", **where)
+        if label.shape != rgb.shape[:2]:
+            raise RecordError(
+                path, f"label size {label.shape} and rgb size {rgb.shape[:2]} differ", record=where["record"]
+            )
+        label = label.astype(np.int32)
+    return DecodedFrame(rgb=rgb, depth_m=depth_m, label=label, frame_id=ex.frame_id)

@@ -146,3 +146,23 @@ def test_stage2_bad_config_names_field(overrides, message):
     config.objective.mask_ratio.rgb = 1.5
     with pytest.raises(ValueError, match=r"config\.objective\.mask_ratio\.rgb"):
         make_objective(config)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_bfloat16_compute_keeps_float32_parameters_and_losses(stage, stage1_params):
+    config = tiny_config(stage)
+    config.model.dtype = "bfloat16"
+    objective = make_objective(config)
+    batch = tiny_batch()
+    params = objective.init(jax.random.key(1), batch)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+    frozen = teacher_params_from_stage1(stage1_params) if stage == 2 else {}
+    (loss, metrics), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(params, frozen, batch,
+                                                                                        jax.random.key(2))
+    assert loss.dtype == jnp.float32 and np.isfinite(float(loss))
+    assert all(v.dtype == jnp.float32 for v in metrics.values())
+    assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+    # bf16 compute stays close to float32 compute on the same parameters and randomness.
+    config.model.dtype = "float32"
+    loss32, _ = make_objective(config).loss(params, frozen, batch, jax.random.key(2))
+    assert abs(float(loss) - float(loss32)) < 0.05 * abs(float(loss32))

@@ -1,0 +1,110 @@
+"""Fine-tuning command: the RGB encoder alone, with a dense head, for depth or semantic segmentation.
+
+    python -m mmcmae_jax.finetune --config configs/finetune_nyu_depth.py --workdir W/nyu_depth \
+        --config.init_from=W/m3/stage2 --config.data.path=NYU_TRAIN --config.eval_data.path=NYU_TEST
+
+The encoder starts from a pre-training work directory (`init_from`, stage 1 or stage 2: its
+`rgb_encoder`), from ImageNet MAE weights (`init_from_mae`), or from scratch. The run goes through the
+pre-training trainer (mesh, orbax checkpoints with the input position, resume, metrics.jsonl and
+TensorBoard), then evaluates its final parameters on `eval_data` and writes WORKDIR/eval/step_N.json.
+Re-running the same command resumes. Flags are those of `mmcmae_jax.pretrain`.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+from absl import logging as absl_logging
+
+from mmcmae_jax import pretrain  # defines --config, --workdir and the multi-process flags; reused here
+
+FLAGS = flags.FLAGS
+
+
+def train_data_path(config, workdir: str) -> str:
+    """The training records: config.data.path, or the label-fraction subset of them (written once)."""
+    from mmcmae_jax.data import procedural, records
+    from mmcmae_jax.transfer.splits import write_label_fraction
+    data = config.data
+    path = data.path
+    if config.label_fraction >= 1.0:
+        return path
+    if not path:  # the procedural set, made as the pipeline would make it
+        path = procedural.ensure_procedural_dataset(data.procedural_dir, data.procedural_frames, data.procedural_size,
+                                                    config.seed, data.procedural_shards, records.ARRAY_RECORD,
+                                                    data.procedural_depth_noise)
+    out_dir = config.subset_dir or os.path.join(workdir, "train_subset")
+    import jax
+    if jax.process_index() == 0:
+        manifest = write_label_fraction(path, out_dir, config.label_fraction, config.label_fraction_seed,
+                                        labelled_only=config.task == "segmentation")
+        print(f"[finetune] label fraction {config.label_fraction:g}: {manifest['chosen']} of "
+              f"{manifest['candidates']} {'labelled ' if config.task == 'segmentation' else ''}frames -> {out_dir}",
+              flush=True)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("label fraction subset written")
+    return out_dir
+
+
+def run_finetune(config, workdir: str, name: str = "finetune"):
+    """Fine-tune, then evaluate the final parameters. Returns (TrainResult, eval results or None)."""
+    import jax
+    from mmcmae_jax.train.trainer import train
+    from mmcmae_jax.transfer import evaluation
+    from mmcmae_jax.transfer.config import validate_finetune
+    from mmcmae_jax.transfer.objective import (ENCODER, make_transfer_objective, random_encoder,
+                                               start_encoder, update_scale_for)
+
+    validate_finetune(config)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    encoder = start_encoder(config)  # checked before any data is read
+    objective = make_transfer_objective(config)
+
+    train_config = config.copy_and_resolve_references()
+    with train_config.unlocked():
+        train_config.data.path = train_data_path(config, workdir)
+    iterator = pretrain.make_train_iterator(train_config)
+
+    frozen, initial_params = None, None
+    if config.freeze_encoder:
+        frozen = {ENCODER: encoder if encoder is not None else random_encoder(config)}
+        if jax.process_index() == 0:
+            evaluation.save_frozen_encoder(workdir, frozen[ENCODER])
+    elif encoder is not None:
+        def initial_params(params):
+            return {**params, ENCODER: encoder}
+    start = config.init_from or config.init_from_mae or "scratch"
+    print(f"[{name}] {config.task}, {config.model.variant} at {config.model.image_size}px, {config.head.kind} head, "
+          f"encoder from {start}{' (frozen)' if config.freeze_encoder else ''}, global batch {config.batch_size}, "
+          f"{config.total_steps} steps -> {workdir}", flush=True)
+    result = train(config, workdir, iterator, objective, name=name, frozen=frozen, initial_params=initial_params,
+                   update_scale=update_scale_for(config))
+    if result.preempted or not config.eval.at_end or jax.process_index() != 0:
+        return result, None
+    return result, evaluation.evaluate_workdir(config, workdir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise app.UsageError("--config and --workdir are required")
+    if not FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+    pretrain.initialize_distributed()
+    from mmcmae_jax.config import ConfigError
+    try:
+        result, _ = run_finetune(FLAGS.config, FLAGS.workdir)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    if result.preempted:
+        sys.exit(143)  # stopped by SIGTERM after saving: not finished
+
+
+if __name__ == "__main__":
+    app.run(main)

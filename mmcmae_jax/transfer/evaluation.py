@@ -1,0 +1,177 @@
+"""Evaluation of a fine-tuned model over a whole evaluation set: jitted prediction, metric sums per
+batch on the device, totals on the host (see transfer/metrics.py).
+
+Evaluation runs in one process on its local devices and reads every evaluation frame once (the
+pipeline's eval transform: central square crop, resized to the model's input size). Metrics are
+computed at that resolution, in metres against `depth_m` with its validity mask for depth.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mmcmae_jax.train import sharding
+from mmcmae_jax.transfer import metrics
+from mmcmae_jax.transfer.objective import ENCODER, label_table, predict_fn, remap_labels
+
+FROZEN_ENCODER_DIR = "frozen_encoder"  # a frozen-encoder run keeps its (untrained) encoder here
+
+
+def save_frozen_encoder(workdir: str, encoder: dict):
+    """Write the encoder a frozen-encoder run reads, so its checkpoints evaluate on their own."""
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.path.join(workdir, FROZEN_ENCODER_DIR))
+    if not os.path.exists(path):
+        ocp.PyTreeCheckpointer().save(path, jax.tree.map(np.asarray, encoder))
+
+
+def load_frozen_encoder(workdir: str) -> dict:
+    import orbax.checkpoint as ocp
+    path = os.path.abspath(os.path.join(workdir, FROZEN_ENCODER_DIR))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{workdir!r} holds a frozen-encoder run's head but not its encoder "
+                                f"({FROZEN_ENCODER_DIR}/ is missing)")
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    return checkpointer.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
+
+
+def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
+    """(full parameters, step) of a fine-tuning checkpoint: the frozen encoder added when it was frozen."""
+    from mmcmae_jax.train.checkpoint import checkpoint_dir, restore_params
+    directory = checkpoint_dir(workdir)
+    if step is None:
+        steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory!r}")
+        step = steps[-1]
+    params = dict(restore_params(workdir, step))
+    if ENCODER not in params:
+        params[ENCODER] = load_frozen_encoder(workdir)
+    return params, step
+
+
+def eval_batches(data: ml_collections.ConfigDict, image_size: int, batch_size: int):
+    """Every evaluation frame once, in batches of `batch_size` (the last one padded): yields
+    (batch dict of NumPy arrays, weight (batch_size,) with 0 on padding)."""
+    from mmcmae_jax.data import pipeline_from_config
+    data = data.copy_and_resolve_references()
+    with data.unlocked():
+        # One frame per pipeline batch, regrouped here, so no frame is dropped by drop_remainder.
+        data.batch_size, data.image_size, data.num_epochs = 1, image_size, 1
+        data.read_threads = min(data.read_threads, 2)  # grain prefetches 2 x batch_size elements
+    frames = []
+    for frame in pipeline_from_config(data, train=False, shard_index=0, shard_count=1):
+        frames.append(frame)
+        if len(frames) == batch_size:
+            yield _stack(frames, batch_size)
+            frames = []
+    if frames:
+        yield _stack(frames, batch_size)
+
+
+def _stack(frames, batch_size):
+    batch = {k: np.concatenate([f[k] for f in frames]) for k in ("rgb", "depth_m", "label")}
+    real = len(batch["rgb"])
+    if real < batch_size:  # pad with copies of the first frame, weighted 0
+        batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - real, axis=0)]) for k, v in batch.items()}
+    weight = np.zeros(batch_size, np.float32)
+    weight[:real] = 1.0
+    return batch, weight
+
+
+def make_eval_step(config: ml_collections.ConfigDict):
+    """A jitted (params, batch, weight) -> per-batch sums (depth) or confusion matrix (segmentation)."""
+    predict = predict_fn(config)
+    crop = None
+    if config.task == "depth" and config.eval.nyu_crop:
+        crop = jnp.asarray(metrics.eval_crop_mask(config.model.image_size))
+
+    table = label_table(config)
+
+    def step(params, batch, weight):
+        out = predict(params, batch["rgb"])
+        if config.task == "depth":
+            return metrics.depth_metric_sums(out, batch["depth_m"], weight, min_depth=config.eval.min_depth,
+                                             max_depth=config.eval.max_depth, crop_mask=crop)
+        return {"confusion": metrics.confusion_matrix(jnp.argmax(out, -1), remap_labels(batch["label"], table), weight,
+                                                      config.num_classes, config.ignore_label)}
+    return jax.jit(step)
+
+
+def evaluate(config: ml_collections.ConfigDict, params: dict, data: ml_collections.ConfigDict | None = None) -> dict:
+    """Metrics of `params` (full: encoder and head) over the evaluation set `data` (config.eval_data)."""
+    data = config.eval_data if data is None else data
+    table = label_table(config)
+    devices = jax.local_devices()
+    mesh = sharding.make_mesh(1, devices)
+    # Each local device takes an equal slice of every batch.
+    batch_size = -(-config.eval.batch_size // len(devices)) * len(devices)
+    params = jax.device_put(params, sharding.replicated(mesh))
+    step = make_eval_step(config)
+    totals, frames = None, 0
+    for batch, weight in eval_batches(data, config.model.image_size, batch_size):
+        if config.task == "segmentation":
+            labels = batch["label"][weight > 0]
+            if table is not None:
+                labels = np.where((labels >= 0) & (labels < 256), table[np.clip(labels, 0, 255)], labels)
+            bad = (labels != config.ignore_label) & ((labels < 0) | (labels >= config.num_classes))
+            if bad.any():
+                raise ValueError(f"evaluation labels {sorted(set(labels[bad].tolist()))[:5]} lie outside "
+                                 f"config.num_classes={config.num_classes} (data {data.path or 'procedural'!r})")
+        batch = jax.device_put({k: batch[k] for k in ("rgb", "depth_m", "label")}, sharding.batch_sharding(mesh))
+        sums = jax.device_get(step(params, batch, jax.device_put(weight, sharding.batch_sharding(mesh))))
+        sums = {k: np.asarray(v, np.float64 if k != "confusion" else np.int64) for k, v in sums.items()}
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+        frames += int(weight.sum())
+    if totals is None:
+        raise ValueError(f"the evaluation set {data.path or 'procedural'!r} yielded no frame")
+    results = {"task": config.task, "frames": frames}
+    if config.task == "depth":
+        results.update(metrics=metrics.depth_metrics(totals, config.eval.average),
+                       valid_pixels=int(totals["pixels"]), average=config.eval.average,
+                       min_depth=config.eval.min_depth, max_depth=config.eval.max_depth,
+                       nyu_crop=bool(config.eval.nyu_crop))
+    else:
+        seg = metrics.segmentation_metrics(totals["confusion"], tuple(config.class_names) or None)
+        per_class = seg.pop("per_class_iou")
+        results.update(metrics=seg, per_class_iou=per_class, confusion=totals["confusion"].tolist())
+    return results
+
+
+def format_results(results: dict) -> str:
+    """The results as a plain-text table."""
+    lines = [f"{results['task']} evaluation, {results['frames']} frames"
+             + (f", checkpoint step {results['step']}" if "step" in results else "")]
+    scalars = results["metrics"]
+    width = max(len(k) for k in scalars)
+    lines += [f"  {k:<{width}}  {v:.4f}" if isinstance(v, float) else f"  {k:<{width}}  {v}" for k, v in scalars.items()]
+    if results.get("per_class_iou"):
+        lines.append("  per-class IoU:")
+        name_width = max(len(k) for k in results["per_class_iou"])
+        lines += [f"    {k:<{name_width}}  {'   -  ' if v is None else f'{v:.4f}'}"
+                  for k, v in results["per_class_iou"].items()]
+    return "\n".join(lines)
+
+
+def write_results(results: dict, path: str):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(results, f, indent=1)
+
+
+def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | None = None) -> dict:
+    """Evaluate a fine-tuning checkpoint (the latest by default), print the table, write the JSON."""
+    params, step = load_params(workdir, step)
+    results = evaluate(config, params)
+    results.update(step=step, workdir=os.path.abspath(workdir), eval_data=config.eval_data.path or "procedural")
+    out = out or os.path.join(workdir, "eval", f"step_{step}.json")
+    write_results(results, out)
+    print(format_results(results), flush=True)
+    print(f"results written to {out}", flush=True)
+    return results

@@ -1,0 +1,91 @@
+"""Label-fraction splits for the data-efficient study: a deterministic subset of the training frames.
+
+Every frame gets a rank from a hash of (seed, source, frame id); a fraction f keeps the
+ceil(f * N) lowest-ranked frames. So the choice does not depend on shard layout, file order or the
+machine, and every smaller fraction is a subset of every larger one (10% within 20% within 40% ...),
+which keeps the curve of a data-efficient study free of resampling noise.
+
+The chosen records are copied, unchanged, into shards of the same format in a subset directory with a
+`subset.json` manifest, and the ordinary pipeline reads them; a matching manifest is reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+
+from mmcmae_jax.data import records, schema
+
+MANIFEST = "subset.json"
+
+
+def frame_rank(seed: int, source: str, frame_id: str) -> int:
+    """A 64-bit rank, uniform over frames, fixed by (seed, source, frame id)."""
+    digest = hashlib.sha256(f"{seed}\0{source}\0{frame_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big")
+
+
+def choose_frames(keys, fraction: float, seed: int) -> set:
+    """The (source, frame_id) keys kept at `fraction` (at least one)."""
+    keys = list(keys)
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    if len(set(keys)) != len(keys):
+        duplicated = sorted({k for k in keys if keys.count(k) > 1})[:3]
+        raise ValueError(f"frame ids are not unique within their source, e.g. {duplicated}: a fraction "
+                         "of frames cannot be chosen by id")
+    count = max(1, math.ceil(fraction * len(keys)))
+    return set(sorted(keys, key=lambda k: frame_rank(seed, *k))[:count])
+
+
+def write_label_fraction(paths_or_pattern, out_dir: str, fraction: float, seed: int = 0,
+                         labelled_only: bool = False, num_shards: int = 1) -> dict:
+    """Copy the chosen fraction of the records in `paths_or_pattern` into `out_dir`.
+
+    labelled_only: frames without a label map are not candidates (segmentation), so the fraction is
+    one of the labelled frames. Returns the manifest: fraction, seed, counts, the chosen frame ids and
+    the shard paths. A manifest already in `out_dir` for the same inputs and choice is returned as is.
+    """
+    paths = records.expand_paths(paths_or_pattern)
+    fmt = records.detect_format(paths[0])
+    request = {"inputs": [os.path.abspath(p) for p in paths], "fraction": fraction, "seed": seed,
+               "labelled_only": labelled_only}
+    manifest_path = os.path.join(out_dir, MANIFEST)
+    if os.path.exists(manifest_path):
+        with open(manifest_path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if {k: manifest.get(k) for k in request} == request and all(os.path.exists(p) for p in manifest["shards"]):
+            return manifest
+
+    keys, candidates = [], 0
+    for path in paths:
+        for index, data in enumerate(records.read_records(path, fmt)):
+            ex = schema.parse_example(data, path=path, record=index)
+            if labelled_only and ex.label is None:
+                continue
+            keys.append((ex.source, ex.frame_id))
+            candidates += 1
+    if not keys:
+        raise ValueError(f"no {'labelled ' if labelled_only else ''}frames in {paths_or_pattern!r} to choose from")
+    chosen = choose_frames(keys, fraction, seed)
+
+    os.makedirs(out_dir, exist_ok=True)
+    shards = [records.shard_name(out_dir, "subset", i, num_shards, fmt) for i in range(num_shards)]
+    writers = [records.open_writer(p, fmt) for p in shards]
+    written = 0
+    try:
+        for path in paths:
+            for index, data in enumerate(records.read_records(path, fmt)):
+                ex = schema.parse_example(data, path=path, record=index)
+                if (ex.source, ex.frame_id) in chosen and not (labelled_only and ex.label is None):
+                    writers[written % num_shards].write(data)
+                    written += 1
+    finally:
+        for writer in writers:
+            writer.close()
+    manifest = dict(request, candidates=candidates, chosen=written, shards=shards,
+                    frames=sorted(f"{s}/{i}" for s, i in chosen))
+    with open(manifest_path, "w", encoding="utf-8") as f:
+        json.dump(manifest, f, indent=1)
+    return manifest

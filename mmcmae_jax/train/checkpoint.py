@@ -85,9 +85,9 @@ def restore_params(directory: str, step=None) -> dict:
 class PreemptionFlag:
     """Set by SIGTERM (a preempted VM, `scancel`, `kill`): the loop saves a checkpoint and exits."""
 
-    def __init__(self):
+    def __init__(self, install: bool = True):
         self.raised = False
-        self._previous = signal.signal(signal.SIGTERM, self._handler)
+        self._previous = signal.signal(signal.SIGTERM, self._handler) if install else None
 
     def _handler(self, signum, frame):
         del signum, frame
@@ -95,4 +95,5 @@ class PreemptionFlag:
         self.raised = True
 
     def restore_handler(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)

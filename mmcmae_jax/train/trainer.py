@@ -133,7 +133,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
     train_step = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
     seed = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
     writer = MetricWriter(workdir, name, config.total_steps)
-    preemption = PreemptionFlag()
+    # One process: our SIGTERM handler. Several: JAX's preemption sync (via orbax's reached_preemption)
+    # stops every process at the same step; a handler of ours would replace JAX's own.
+    preemption = PreemptionFlag(install=jax.process_count() == 1)
     history, last, lagged = [], {}, None
     try:
         writer.start(step)
@@ -157,7 +159,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
             else:
                 lagged = (step, {"loss": metrics["loss"]})
             if images_fn is not None and config.image_every and (step % config.image_every == 0 or final):
-                images_fn(step, state["params"], local, writer)
+                images_fn(step, state["params"], batch, writer)
             checkpointer.save(step, state, data_iterator, force=stop or final)
             if stop:
                 print(f"[{name}] preempted: checkpoint of step {step} written to {checkpointer.directory}", flush=True)

@@ -11,6 +11,7 @@ import os
 import signal
 
 import grain
+from absl import logging as absl_logging
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -77,7 +78,13 @@ def restore_params(directory: str, step=None) -> dict:
         step = steps[-1]
     path = os.path.join(directory, str(step), "state")
     checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
+    # The item folder has no step-level metadata file of its own, which orbax warns about: quiet it.
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        tree = checkpointer.metadata(path).item_metadata.tree
+    finally:
+        absl_logging.set_verbosity(verbosity)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     return checkpointer.restore(path, restore_args=restore_args)["params"]
 

@@ -1,7 +1,13 @@
-"""Pictures of RGB-D data and predictions, shared by the trainer's image summaries and the notebook.
+"""Pictures of RGB-D data and predictions, shared by the trainer's image summaries (pictures.py), the
+notebook (colab/m3_demo.ipynb) and the README figure (docs/figures/make_figures.py).
 
-Every function takes NumPy arrays and returns uint8 RGB images (H, W, 3), so they tile into grids and
-write to PNG or TensorBoard alike.
+The image functions take NumPy arrays and return uint8 RGB images (H, W, 3), so they tile into grids and
+write to PNG or TensorBoard alike. Conventions: depth maps that are compared (prediction and truth)
+share one colour scale; invalid pixels (no depth measurement, ignore label) are black; a masked patch
+is a darkened patch.
+
+    images, (vmin, vmax) = colorize_depths([pred, truth], valid=valid)
+    fig = plot_panels([[rgb, *images]], titles=["RGB", "predicted", "truth"])
 """
 from __future__ import annotations
 
@@ -54,12 +60,43 @@ def error_map(pred: np.ndarray, target: np.ndarray, valid: np.ndarray | None = N
     return colorize(error, 0.0, vmax, "inferno", valid)
 
 
+def colorize_depths(depths, valid: np.ndarray | None = None, cmap: str = "turbo", scale=None,
+                    percentile: float = 2.0):
+    """Several depth maps of one frame in one colour scale: ([uint8 images], (vmin, vmax)).
+
+    The scale is `scale` when given, else `shared_depth_scale` over all of them, so equal depths get
+    equal colours in every image."""
+    vmin, vmax = scale if scale is not None else shared_depth_scale(*depths, valid=valid, percentile=percentile)
+    return [colorize(d, vmin, vmax, cmap, valid) for d in depths], (vmin, vmax)
+
+
+def colorize_signed(values: np.ndarray, valid: np.ndarray | None = None, vmax: float | None = None,
+                    cmap: str = "coolwarm") -> np.ndarray:
+    """Signed values (predicted noise, residuals) in a diverging map centred on 0: [-vmax, vmax]."""
+    values = np.asarray(values, np.float32)
+    if vmax is None:
+        seen = values if valid is None else values[np.asarray(valid).reshape(values.shape) > 0]
+        seen = np.abs(seen[np.isfinite(seen)])
+        vmax = float(seen.max()) if seen.size else 1.0
+    vmax = max(vmax, 1e-6)
+    return colorize(values, -vmax, vmax, cmap, valid)
+
+
+def patch_mask_pixels(patch_mask: np.ndarray, height: int, width: int, patch_size: int) -> np.ndarray:
+    """(N,) patch mask, row-major over the (height/P, width/P) patch grid -> (height, width) bool."""
+    grid_h, grid_w = height // patch_size, width // patch_size
+    patch_mask = np.asarray(patch_mask).reshape(-1)
+    if grid_h * patch_size != height or grid_w * patch_size != width or patch_mask.size != grid_h * grid_w:
+        raise ValueError(f"a {height}x{width} image in {patch_size}-pixel patches has {grid_h}x{grid_w} patches; "
+                         f"the mask has {patch_mask.size}")
+    return np.repeat(np.repeat(patch_mask.reshape(grid_h, grid_w) > 0, patch_size, 0), patch_size, 1)
+
+
 def masked_overlay(image: np.ndarray, patch_mask: np.ndarray, patch_size: int, shade: float = 0.25) -> np.ndarray:
     """Darken the masked (hidden) patches of a uint8 image. patch_mask: (N,), 1 = masked, row-major."""
     image = np.asarray(image).copy()
-    grid_h, grid_w = image.shape[0] // patch_size, image.shape[1] // patch_size
-    pixel_mask = np.kron(np.asarray(patch_mask).reshape(grid_h, grid_w), np.ones((patch_size, patch_size)))
-    image[pixel_mask > 0] = (image[pixel_mask > 0] * shade).astype(np.uint8)
+    pixel_mask = patch_mask_pixels(patch_mask, image.shape[0], image.shape[1], patch_size)
+    image[pixel_mask] = (image[pixel_mask] * shade).astype(np.uint8)
     return image
 
 
@@ -71,6 +108,7 @@ def segmentation_palette(num_classes: int, seed: int = 0) -> np.ndarray:
 
 
 def colorize_labels(labels: np.ndarray, num_classes: int, ignore_label: int = 255) -> np.ndarray:
+    """(H, W) class indices -> uint8 RGB in `segmentation_palette`; ignore and out-of-range labels black."""
     labels = np.asarray(labels).astype(np.int64)
     labels = np.where((labels < 0) | (labels >= num_classes) | (labels == ignore_label), num_classes, labels)
     return segmentation_palette(num_classes)[labels]
@@ -85,3 +123,45 @@ def grid(rows: list[list[np.ndarray]], pad: int = 2) -> np.ndarray:
         for j, image in enumerate(row):
             canvas[i * (height + pad): i * (height + pad) + height, j * (width + pad): j * (width + pad) + width] = image
     return canvas
+
+
+def label_legend(class_names, ignore_name: str | None = "unlabelled") -> dict:
+    """{class name: uint8 colour} in the colours of `colorize_labels`, for `plot_panels(legend=...)`."""
+    palette = segmentation_palette(len(class_names))
+    legend = {name: palette[i] for i, name in enumerate(class_names)}
+    if ignore_name:
+        legend[ignore_name] = palette[-1]
+    return legend
+
+
+def plot_panels(rows, titles=None, row_labels=None, legend: dict | None = None, panel_size: float = 2.0,
+                suptitle: str | None = None):
+    """A matplotlib Figure of uint8 images, one list per row, with column titles, row labels and an
+    optional colour legend ({name: colour}). It is built without pyplot, so it leaves no global state
+    and works headless; show it with IPython's `display(fig)` or write it with `fig.savefig(path)`."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+    num_rows, num_cols = len(rows), max(len(r) for r in rows)
+    extra = 0.45 if titles is not None else 0.1
+    fig = Figure(figsize=(panel_size * num_cols, panel_size * num_rows + extra + (0.5 if legend else 0.0)))
+    axes = fig.subplots(num_rows, num_cols, squeeze=False)
+    for i in range(num_rows):
+        for j in range(num_cols):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(rows[i]):
+                ax.imshow(rows[i][j], interpolation="nearest")
+            else:
+                ax.axis("off")
+            if titles is not None and i == 0 and j < len(titles):
+                ax.set_title(titles[j], fontsize=9)
+            if row_labels is not None and j == 0 and i < len(row_labels):
+                ax.set_ylabel(row_labels[i], fontsize=9)
+    if legend:
+        handles = [Patch(facecolor=np.asarray(c, np.float32) / 255, edgecolor="0.5", label=n) for n, c in legend.items()]
+        fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
+    if suptitle:
+        fig.suptitle(suptitle, fontsize=10)
+    fig.tight_layout(rect=(0, 0.08 if legend else 0, 1, 1))
+    return fig

@@ -12,8 +12,8 @@ over 1 mm < d < 10 m inside the Eigen crop, per image then averaged (docs/transf
         --config.eval_data.path=NYU_TEST
 Presets (comma-separated): vit_s16 | vit_b16 | vit_l16, fracNN (NN % of the training frames), linear
 (frozen encoder, linear head), frozen (frozen encoder, DPT head).
-Expected time: 20,000 steps of batch 32 at 256 px, ViT-B, about 3 h on one A100-class GPU (not
-measured here). Expected result: the paper reports δ1 87.1 for M3 and 85.1 for MAE (ViT-B); this config
+Expected time: 20,000 steps of batch 32 at 256 px, ViT-B; not yet measured by this project.
+Expected result: the paper reports δ1 87.1 for M3 and 85.1 for MAE (ViT-B); this config
 has not been run at that scale in this repository.
 """
 from mmcmae_jax.transfer.config import apply_presets, finetune_config

@@ -11,8 +11,8 @@ Run:
         --config.eval_data.path=NYU_TEST
 Presets (comma-separated): vit_s16 | vit_b16 | vit_l16, fracNN (NN % of the labelled training frames),
 linear, frozen.
-Expected time: 20,000 steps of batch 16 at 256 px, ViT-B, about 2 h on one A100-class GPU (not
-measured here). Expected result: not reported by the paper for NYU segmentation; not run at scale here.
+Expected time: 20,000 steps of batch 16 at 256 px, ViT-B; not yet measured by this project.
+Expected result: not reported by the paper for NYU segmentation; not run at scale here.
 """
 from mmcmae_jax.transfer.config import NYU40_CLASSES, apply_presets, finetune_config
 

@@ -11,8 +11,8 @@ Run:
         --config.eval_data.path=SCANNET_VAL
 Data-efficient study: presets frac10, frac20, frac40, frac60, frac80 (of the labelled training frames,
 nested, chosen by frame id), e.g. `:vit_b16,frac10`. Other presets: vit_s16 | vit_l16, linear, frozen.
-Expected time: 40,000 steps of batch 32 at 224 px, ViT-B, about 5 h on one A100-class GPU (not
-measured here). Expected result: the paper reports 67.5 mIoU for M3 (Mask3D 66.2, MultiMAE 65.1,
+Expected time: 40,000 steps of batch 32 at 224 px, ViT-B; not yet measured by this project.
+Expected result: the paper reports 67.5 mIoU for M3 (Mask3D 66.2, MultiMAE 65.1,
 MAE 64.8) with ViT-B; this config has not been run at that scale in this repository.
 """
 from mmcmae_jax.transfer.config import SCANNET20_CLASSES, SCANNET20_FROM_NYU40, apply_presets, finetune_config

@@ -10,8 +10,8 @@ Run:
     python -m mmcmae_jax.evaluate --config configs/finetune_sunrgbd_seg.py:vit_b16 --workdir W/sun_seg \
         --config.eval_data.path=SUN_TEST
 Presets (comma-separated): vit_s16 | vit_b16 | vit_l16, fracNN, linear, frozen.
-Expected time: 40,000 steps of batch 32 at 224 px, ViT-B, about 5 h on one A100-class GPU (not
-measured here). Expected result: not reported by the paper; not run at scale here.
+Expected time: 40,000 steps of batch 32 at 224 px, ViT-B; not yet measured by this project.
+Expected result: not reported by the paper; not run at scale here.
 """
 from mmcmae_jax.transfer.config import SUNRGBD37_CLASSES, apply_presets, finetune_config
 

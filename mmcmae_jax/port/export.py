@@ -23,43 +23,7 @@ from typing import Mapping, Optional
 import numpy as np
 
 from mmcmae_jax.models.vit import parse_variant
-from mmcmae_jax.port.timm_layout import (ImageSize, encoder_image_size, encoder_spec, flatten,
-                                         flax_encoder_to_timm, timm_constructor, tree_to_state_dict, unflatten)
-
-_PYTREE_MARKERS = ("_METADATA", "manifest.ocdbt")
-
-
-def _is_pytree_dir(path: str) -> bool:
-    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _PYTREE_MARKERS)
-
-
-def find_pytree_dir(path: str, step: Optional[int] = None) -> str:
-    """The orbax PyTree directory holding the train state (or params) under `path`."""
-    path = os.path.abspath(path)
-    if _is_pytree_dir(path):
-        return path
-    nested = os.path.join(path, "checkpoints")  # a trainer work directory
-    if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):
-        path = nested
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
-    steps = sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
-    if not steps:
-        raise FileNotFoundError(f"{path!r} holds no orbax checkpoint (no step folders, no {_PYTREE_MARKERS[0]})")
-    if step is None:
-        step = steps[-1]
-    elif step not in steps:
-        raise FileNotFoundError(f"no step {step} in {path!r}; steps there: {steps}")
-    step_dir = os.path.join(path, str(step))
-    if _is_pytree_dir(step_dir):
-        return step_dir
-    # CheckpointManager items: the trainer's train state is `state`, a single unnamed item `default`.
-    items = [n for n in ("state", "default") if _is_pytree_dir(os.path.join(step_dir, n))]
-    items += sorted(n for n in os.listdir(step_dir) if n not in items and _is_pytree_dir(os.path.join(step_dir, n)))
-    if items:
-        return os.path.join(step_dir, items[0])
-    raise FileNotFoundError(f"step folder {step_dir!r} holds no PyTree item")
-
+from mmcmae_jax.port.timm_layout import (ImageSize, encoder_image_size, encoder_spec, flax_encoder_to_timm, timm_constructor, tree_to_state_dict, unflatten)
 
 def _take_params(tree: Mapping, where: str) -> dict:
     if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
@@ -86,16 +50,8 @@ def load_params(path: str, step: Optional[int] = None) -> dict:
             tree = unflatten({tuple(k.split("/")): v for k, v in flat.items()})
             return _take_params(tree, path)
         raise ValueError(f"{path!r}: expected a checkpoint directory, a .msgpack or a .safetensors file")
-    import jax
-    import orbax.checkpoint as ocp
-
-    item = find_pytree_dir(path, step)
-    checkpointer = ocp.PyTreeCheckpointer()
-    metadata = checkpointer.metadata(item)
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
-    # Restore as host NumPy arrays, whatever mesh wrote them.
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return _take_params(checkpointer.restore(item, restore_args=restore_args), item)
+    from mmcmae_jax.train.checkpoint import restore_params
+    return _to_dict(restore_params(path, step))
 
 
 def encoder_params(params: Mapping, modality: str) -> dict:

@@ -65,28 +65,65 @@ def checkpoint_dir(workdir_or_checkpoints: str) -> str:
     return os.path.abspath(nested if os.path.isdir(nested) else workdir_or_checkpoints)
 
 
-def restore_params(directory: str, step=None) -> dict:
-    """The `params` of a trainer checkpoint (the latest step by default) as NumPy arrays on the host,
-    whatever mesh wrote them. `directory` is a work directory or its `checkpoints/` folder.
+_PYTREE_MARKERS = ("_METADATA", "manifest.ocdbt")
 
-    Used to start stage 2 from stage 1, to fine-tune, and to export weights."""
-    directory = checkpoint_dir(directory)
+
+def _is_pytree_dir(path: str) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, m)) for m in _PYTREE_MARKERS)
+
+
+def find_pytree_dir(path: str, step=None) -> str:
+    """The orbax PyTree directory under `path`: a work directory, its `checkpoints/` folder (the latest
+    step, or `step`), a step folder, or a PyTree directory itself (e.g. a StandardCheckpointer's)."""
+    path = os.path.abspath(path)
+    if _is_pytree_dir(path):
+        return path
+    nested = os.path.join(path, "checkpoints")  # a trainer work directory
+    if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):
+        path = nested
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+    steps = sorted(int(n) for n in os.listdir(path) if n.isdigit() and os.path.isdir(os.path.join(path, n)))
+    if not steps:
+        raise FileNotFoundError(f"{path!r} holds no orbax checkpoint (no step folders, no {_PYTREE_MARKERS[0]})")
     if step is None:
-        steps = sorted(int(name) for name in os.listdir(directory) if name.isdigit()) if os.path.isdir(directory) else []
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint found in {directory!r} (expected orbax step folders)")
         step = steps[-1]
-    path = os.path.join(directory, str(step), "state")
+    elif step not in steps:
+        raise FileNotFoundError(f"no step {step} in {path!r}; steps there: {steps}")
+    step_dir = os.path.join(path, str(step))
+    if _is_pytree_dir(step_dir):
+        return step_dir
+    # CheckpointManager items: the trainer's train state is `state`, a single unnamed item `default`.
+    items = [n for n in ("state", "default") if _is_pytree_dir(os.path.join(step_dir, n))]
+    items += sorted(n for n in os.listdir(step_dir) if n not in items and _is_pytree_dir(os.path.join(step_dir, n)))
+    if items:
+        return os.path.join(step_dir, items[0])
+    raise FileNotFoundError(f"step folder {step_dir!r} holds no PyTree item")
+
+
+def restore_params(directory: str, step=None) -> dict:
+    """The `params` of a checkpoint (the latest step by default) as NumPy arrays on the host, whatever
+    mesh wrote them. `directory`: anything `find_pytree_dir` accepts; the saved item is the trainer's
+    state (params under "params") or a params tree itself.
+
+    The one reader of checkpoints: stage 2 from stage 1, fine-tuning, evaluation and export use it."""
+    path = find_pytree_dir(directory, step)
     checkpointer = ocp.PyTreeCheckpointer()
-    # The item folder has no step-level metadata file of its own, which orbax warns about: quiet it.
+    # An item folder has no step-level metadata file of its own, which orbax warns about: quiet it.
     verbosity = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        tree = checkpointer.metadata(path).item_metadata.tree
+        metadata = checkpointer.metadata(path)
     finally:
         absl_logging.set_verbosity(verbosity)
+    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-    return checkpointer.restore(path, restore_args=restore_args)["params"]
+    restored = checkpointer.restore(path, restore_args=restore_args)
+    if isinstance(restored, dict) and isinstance(restored.get("params"), dict):
+        restored = restored["params"]
+    if not isinstance(restored, dict):
+        raise ValueError(f"{path}: the restored item is a {type(restored).__name__}, not a params dict")
+    return restored
 
 
 class PreemptionFlag:

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 from mmcmae_jax.models.m3 import CrossModalContrastive, MultiModalMAE
 from mmcmae_jax.models.masking import multimodal_masks
 from mmcmae_jax.models.vit import ViTEncoder, sincos_pos_embed_2d
+from mmcmae_jax.port.timm_import import import_timm
 from mmcmae_jax.port import (encoder_spec, flax_encoder_to_timm, init_encoders_from_mae, load_mae_into_encoder,
                              read_state_dict, resample_pos_embed, state_dict_to_tree, timm_constructor, timm_kwargs,
                              timm_name, tree_to_state_dict)
@@ -284,27 +285,6 @@ def test_named_sizes_print_timm_model_names():
 
 needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None,
                                  reason="the torch extra (torch, timm) is not installed")
-_TORCHVISION_SCHEMAS = []
-
-
-def import_timm():
-    """timm imports torchvision. On a machine with a CPU-only torch and PyPI's CUDA torchvision (our CI,
-    see .ci/install_torch.sh), torchvision's compiled operators cannot load, and its Python side then
-    fails on registering two of them; defining their schemas lets it import without operators, which
-    no ViT uses."""
-    import torch
-    try:
-        import torchvision  # noqa: F401
-    except RuntimeError as err:
-        if "torchvision::nms" not in str(err):
-            raise
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _TORCHVISION_SCHEMAS.append(lib)  # the definitions live as long as the library object
-        import torchvision  # noqa: F401
-    import timm
-    return timm, torch
 
 
 def timm_tokens(model, images_nhwc):

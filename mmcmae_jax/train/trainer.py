@@ -75,6 +75,12 @@ def _nonfinite_guard(optimizer):
     return optax.apply_if_finite(optimizer, max_consecutive_errors=2**30)
 
 
+def make_trainer_optimizer(config: ml_collections.ConfigDict, update_scale: Callable | None = None):
+    """(optimizer, schedule) of a run: AdamW with warm-up and cosine from config.optim, behind the guard."""
+    optimizer, schedule = make_optimizer(config.optim, config.total_steps, config.batch_size, update_scale)
+    return _nonfinite_guard(optimizer), schedule
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterator, objective: Objective,
           name: str = "train", images_fn: Callable | None = None, frozen: dict | None = None,
           initial_params: Callable | None = None, update_scale: Callable | None = None) -> TrainResult:
@@ -91,8 +97,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
     global_batch = config.batch_size
     if global_batch % mesh.size:
         raise ValueError(f"config.batch_size={global_batch} must be divisible by the {mesh.size} devices")
-    optimizer, schedule = make_optimizer(config.optim, config.total_steps, global_batch, update_scale)
-    optimizer = _nonfinite_guard(optimizer)
+    optimizer, schedule = make_trainer_optimizer(config, update_scale)
 
     first_batch = next(data_iterator)
     missing = [k for k in objective.batch_keys if k not in first_batch]

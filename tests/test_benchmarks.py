@@ -1,0 +1,131 @@
+"""The benchmarks' own logic: XLA FLOP counts, the ablation's equal-compute plan and its verdict, the
+PyTorch reference, and a quick end-to-end run of each script on a tiny model."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mmcmae_jax.config import OBJECTIVES, training_config
+from mmcmae_jax.objectives import make_objective
+from mmcmae_jax.train.cost import compiled_flops, loss_and_grad_flops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None,
+                                 reason="the torch extra (torch, timm) is not installed")
+
+
+def tiny_objective(stage, name="m3"):
+    config = training_config(stage)
+    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32, decoder_depth=1,
+                        decoder_width=32, decoder_heads=2)
+    change = dict(OBJECTIVES[name])
+    config.objective.weights.update(change.pop("weights", {}))
+    config.objective.update(change)
+    return make_objective(config), tuple(config.objective.inputs)
+
+
+def test_compiled_flops_of_a_matmul_are_2mnk():
+    a, b = jax.ShapeDtypeStruct((64, 96), jnp.float32), jax.ShapeDtypeStruct((96, 32), jnp.float32)
+    flops = compiled_flops(jax.jit(lambda x, y: x @ y).lower(a, b).compile())
+    np.testing.assert_allclose(flops, 2 * 64 * 96 * 32, rtol=0.01)
+
+
+def test_step_flops_scale_with_the_batch_and_follow_the_work():
+    m3, inputs = tiny_objective(2, "m3")
+    two, four = loss_and_grad_flops(m3, 2, 32, inputs), loss_and_grad_flops(m3, 4, 32, inputs)
+    np.testing.assert_allclose(four / two, 2.0, rtol=0.05)
+    mae, mae_inputs = tiny_objective(2, "mae")
+    no_distill, _ = tiny_objective(2, "m3_no_distill")
+    # MAE runs one encoder on 20 % of the patches; M3 runs two, plus the teachers on whole frames.
+    assert loss_and_grad_flops(mae, 4, 32, mae_inputs) < loss_and_grad_flops(no_distill, 4, 32, inputs) < four
+
+
+def test_ablation_plan_gives_every_objective_m3s_compute():
+    import ablation
+    s = ablation.settings(smoke=True)
+    flops = {"stage1": 10.0, "m3": 4.0, "m3_no_denoise": 3.9, "mae": 1.0, "mask3d": 2.5, "multimae": 3.0}
+    plan, budget = ablation.pretrain_plan(s, flops)
+    assert budget == 10.0 * s["stage1_steps"] + 4.0 * s["stage2_steps"]
+    assert set(plan) == set(ablation.OBJECTIVES) and plan["scratch"] == []
+    for name, runs in plan.items():
+        if name in ("scratch", "m3_no_denoise"):
+            continue
+        spent = sum(flops["stage1" if stage == 1 else key] * steps for stage, key, steps in runs)
+        cheapest_step = min(flops["stage1" if stage == 1 else key] for stage, key, _ in runs)
+        assert abs(spent - budget) <= cheapest_step / 2 + 1e-9, (name, spent, budget)
+    assert plan["m3_no_denoise"][0] == plan["m3"][0] == (1, "m3", s["stage1_steps"])  # one shared stage 1
+
+
+def test_ablation_verdict_respects_the_direction_of_each_metric():
+    import ablation
+
+    def metrics(delta1, abs_rel, miou):
+        return {"depth": {"delta1": delta1, "abs_rel": abs_rel, "rmse": abs_rel * 3},
+                "segmentation": {"miou": miou, "pixel_acc": miou + 0.5}}
+    results = {0: {n: metrics(0.5, 0.3, 0.2) for n in ablation.OBJECTIVES}}
+    results[0]["m3"] = metrics(0.6, 0.25, 0.1)
+    results[0]["mae"] = metrics(0.55, 0.2, 0.15)    # worse δ1 but better AbsRel than M3
+    verdict = dict(line.split(":", 1) for line in ablation.claim(results, [0]).splitlines())
+    assert "at least as good" in verdict["- depth δ1 ↑"]
+    assert "beaten by mae (0.200)" in verdict["- depth AbsRel ↓"]
+    assert "scratch" in verdict["- segmentation mIoU ↑"] and "beaten" in verdict["- segmentation mIoU ↑"]
+
+
+@needs_torch
+def test_torch_reference_steps_and_masks_like_ours():
+    import torch_reference as ref
+    for stage in (1, 2):
+        step, _ = ref.make_step(stage, "64x2x2/8", 32, "cpu", compile=False, bf16=False)
+        batch = ref.random_batch(2, 32, "cpu")
+        losses = [float(step(batch)) for _ in range(3)]
+        assert np.all(np.isfinite(losses)) and losses[0] != losses[-1]
+    # The same work as ours: PyTorch's matmul count is XLA's count of everything, less the elementwise
+    # few per cent. A missing mask, teacher or decoder block would move the ratio far outside.
+    for stage in (1, 2):
+        config = training_config(stage)
+        config.model.update(variant="64x2x2/8", image_size=32)
+        ratio = loss_and_grad_flops(make_objective(config), 2, 32) / ref.matmul_flops(stage, "64x2x2/8", 32, 2)
+        assert 1.0 <= ratio < 1.1, (stage, ratio)
+    masked = ref.random_masks(3, 16, 0.75, "cpu")
+    assert masked[0].shape == (3, 4) and torch_equal(masked[2].sum(1), 12.0)
+    assert torch_equal(masked[2].gather(1, masked[0]).sum(), 0.0)  # the kept patches are the unmasked ones
+
+
+def torch_equal(tensor, value):
+    return bool((tensor == value).all())
+
+
+@needs_torch
+def test_train_speed_prints_every_figure_on_a_tiny_model():
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "train_speed.py"), "--cases", "s1-S16-128",
+                          "s2-S16-128", "--variant", "64x2x2/16", "--batch", "2", "--steps", "1", "--no-compile"],
+                         capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("matmul peak: jax") and "torch" in line for line in lines), out.stdout
+    stage2 = next(line for line in lines if line.startswith("s2-S16-128:"))
+    for figure in ("JAX", "img/s", "XLA-counted", "matmul util", "PyTorch eager", "JAX/eager"):
+        assert figure in stage2, stage2
+    assert any("s1-S16-128" in line and "needs" in line and "cores" in line for line in lines), out.stdout
+
+
+def test_ablation_runs_end_to_end_on_a_tiny_model(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "ablation.py"), "--workdir", str(tmp_path),
+                          "--smoke", "--seeds", "0", "--objectives", "scratch", "m3"],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for name in ("scratch", "m3"):
+        for task, key in (("depth", "delta1"), ("segmentation", "miou")):
+            assert 0.0 <= results["results"]["0"][name][task][key] <= 1.0
+    assert results["plan"]["m3"] == [[1, "m3", 3], [2, "m3", 3]]
+    report = (tmp_path / "results.md").read_text()
+    assert "| m3 | 3 + 3 |" in report and "| scratch | 0 |" in report and "The claim" in report

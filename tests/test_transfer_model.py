@@ -12,7 +12,7 @@ from mmcmae_jax.config import ConfigError
 from mmcmae_jax.transfer import objective as tobj
 from mmcmae_jax.transfer.config import (SCANNET20_CLASSES, SCANNET20_FROM_NYU40, finetune_config,
                                         validate_finetune)
-from mmcmae_jax.transfer.heads import DenseModel, dpt_hooks
+from mmcmae_jax.transfer.heads import DenseModel, dpt_hooks, positive_depth
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,6 +58,19 @@ def test_linear_depth_head_is_positive_in_float32_under_bfloat16():
     depth = DenseModel("depth", 1, head="linear", variant="64x2x2/8", dtype=jnp.bfloat16)
     out = jax.jit(lambda r: depth.apply(depth.init(jax.random.key(1), r), r))(rgb)
     assert out.shape == (2, 32, 48, 1) and out.dtype == jnp.float32 and float(out.min()) > 0
+
+
+def test_depth_output_never_loses_its_gradient():
+    # softplus + floor did: a head pushed below the floor had d log(depth) / d raw ~ 0 and stayed there.
+    raw = jnp.array([-40.0, -8.0, -3.0, 0.0, 3.0, 8.0, 40.0])
+    depth = positive_depth(raw)
+    grad = jax.vmap(jax.grad(lambda r: jnp.log(positive_depth(r))))(raw)
+    assert np.all(np.isfinite(np.asarray(depth))) and float(depth.min()) > 0
+    np.testing.assert_allclose(float(positive_depth(jnp.array(0.0))), 1.0)
+    assert np.all(np.asarray(grad[1:-1]) > 0.4)           # raw within +-8 (depth 0.3 mm .. 3 km): learns
+    assert np.all(np.asarray(grad[2:-2]) > 0.85)          # 5 cm .. 20 m: almost log-linear
+    np.testing.assert_allclose(np.log(np.asarray(positive_depth(jnp.array([-1.0, 1.0])))),
+                               8 * np.tanh(np.array([-1.0, 1.0]) / 8), rtol=1e-6)
 
 
 def test_dpt_reads_the_configured_blocks(seg_model):

@@ -2,8 +2,9 @@
 
 - `DPTHead`: the dense prediction transformer head of Ranftl, Bochkovskiy and Koltun, "Vision
   Transformers for Dense Prediction" (DPT, ICCV 2021): four intermediate encoder blocks are
-  reassembled into a feature pyramid at 4x, 2x, 1x and 1/2x the patch grid, fused coarse to fine by
-  RefineNet-style residual units, and read out by a small convolutional head at the input resolution.
+  layer-normalised and reassembled into a feature pyramid at 4x, 2x, 1x and 1/2x the patch grid, fused
+  coarse to fine by RefineNet-style residual units, and read out by a small convolutional head at the
+  input resolution.
 - `LinearHead`: one linear map per patch token, upsampled bilinearly: the probing head.
 
 Both return float32 at the input resolution (B, H, W, out_channels), whatever the compute dtype.
@@ -79,6 +80,10 @@ class DPTHead(nn.Module):
         levels = []
         for i, (tokens, dim) in enumerate(zip(token_maps, dims)):
             x = rearrange(tokens, "b (h w) d -> b h w d", h=grid_hw[0], w=grid_hw[1])
+            # Block outputs are the un-normalised residual stream, whose scale differs between encoders
+            # (a Mask3D-style one of the ablation started the head at depth e^8); normalise each map
+            # first, as DINOv2's DPT reads normalised intermediate layers.
+            x = nn.LayerNorm(1e-6, dtype=self.dtype, name=f"reassemble_{i}_norm")(x)
             x = nn.Conv(dim, (1, 1), dtype=self.dtype, name=f"reassemble_{i}_proj")(x)
             # Resample to 4x, 2x, 1x and 1/2x the patch grid (DPT's reassemble operation).
             if i == 0:
@@ -122,10 +127,18 @@ class LinearHead(nn.Module):
         return resize_bilinear(x, *image_hw)
 
 
-def positive_depth(raw: jax.Array, min_depth: float = 1e-3) -> jax.Array:
-    """Raw head output -> depth in metres, strictly positive (softplus keeps gradients everywhere;
-    the floor keeps log-depth losses finite)."""
-    return jax.nn.softplus(raw) + min_depth
+LOG_DEPTH_LIMIT = 8.0  # predicted depth lies in (e^-8, e^8) m = (0.3 mm, 3 km)
+
+
+def positive_depth(raw: jax.Array) -> jax.Array:
+    """Raw head output -> depth in metres, strictly positive: the head predicts log-depth.
+
+    Why not softplus(raw) + floor: once a prediction falls well below the floor, d log(depth) / d raw
+    vanishes and the head never recovers (a ViT-Ti depth run of the ablation collapsed to the floor
+    everywhere). Here d log(depth) / d raw = 1 - tanh^2(raw / 8), about 1 over 2 cm .. 50 m; the tanh
+    only bounds the exponent so that nothing overflows.
+    """
+    return jnp.exp(LOG_DEPTH_LIMIT * jnp.tanh(raw.astype(jnp.float32) / LOG_DEPTH_LIMIT))
 
 
 class DenseModel(nn.Module):

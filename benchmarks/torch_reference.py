@@ -166,7 +166,7 @@ def make_step(stage: int, variant: str, image_size: int, device: str, compile: b
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        return loss
+        return loss.detach()
 
     return step, model
 

@@ -117,6 +117,17 @@ def test_train_speed_prints_every_figure_on_a_tiny_model():
     assert any("s1-S16-128" in line and "needs" in line and "cores" in line for line in lines), out.stdout
 
 
+def test_step_parts_compares_each_part_with_what_it_replaced():
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "step_parts.py"), "--variant", "64x2x2/16",
+                          "--batch", "2", "--repeats", "2"], capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    ours = [line for line in lines if line.strip().startswith("ours")]
+    assert len(ours) == 3, out.stdout  # attention at two lengths, and the optimizer update
+    assert all("x)" in line and "ms" in line for line in ours), out.stdout
+    assert any("optimizer update" in line and "M parameters" in line for line in lines), out.stdout
+
+
 def test_ablation_runs_end_to_end_on_a_tiny_model(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "ablation.py"), "--workdir", str(tmp_path),
                           "--smoke", "--seeds", "0", "--objectives", "scratch", "m3"],

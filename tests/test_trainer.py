@@ -10,7 +10,9 @@ import time
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from mmcmae_jax.config import training_config
@@ -55,6 +57,47 @@ def test_schedule_warms_up_then_decays_and_bad_values_name_field():
     config.weight_decay = -1.0
     with pytest.raises(ValueError, match=r"config\.optim\.weight_decay"):
         make_optimizer(config, 100, 256)
+
+
+def _adamw_steps(optimizer, params, grads_per_step):
+    state = optimizer.init(params)
+    for grads in grads_per_step:
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def test_optimizer_equals_optax_clip_then_adamw_and_skips_nonfinite_steps():
+    config = optim_config()
+    config.update(warmup_steps=2, grad_clip=1.0)
+    rng = np.random.default_rng(0)
+    params = {"kernel": jnp.asarray(rng.normal(size=(6, 5)), jnp.float32), "bias": jnp.zeros(5)}
+    # Norms of about 0.1 and 30: the clip is inactive in the first step and active in the second.
+    grads = [jax.tree.map(lambda p, s=s: jnp.asarray(rng.normal(size=p.shape) * s, jnp.float32), params)
+             for s in (0.02, 6.0, 0.5)]
+    ours, schedule = make_optimizer(config, total_steps=10, global_batch=256)
+    reference = optax.chain(optax.clip_by_global_norm(1.0),
+                            optax.adamw(schedule, config.b1, config.b2, weight_decay=config.weight_decay,
+                                        mask=decay_mask))
+    got, _ = _adamw_steps(ours, params, grads)
+    want, _ = _adamw_steps(reference, params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
+
+    # A NaN (or inf) gradient moves no parameter and leaves the optimizer state finite.
+    bad = jax.tree.map(lambda g: g.at[0].set(jnp.nan), grads[1])
+    inf = jax.tree.map(lambda g: g.at[0].set(jnp.inf), grads[1])
+    after, state = _adamw_steps(ours, params, [grads[0], bad, inf])
+    before, _ = _adamw_steps(ours, params, [grads[0]])
+    jax.tree.map(np.testing.assert_array_equal, after, before)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state))
+
+    # grad_clip = 0: no clipping, plain AdamW.
+    config.grad_clip = 0.0
+    unclipped, schedule = make_optimizer(config, total_steps=10, global_batch=256)
+    plain = optax.adamw(schedule, config.b1, config.b2, weight_decay=config.weight_decay, mask=decay_mask)
+    got, _ = _adamw_steps(unclipped, params, grads)
+    want, _ = _adamw_steps(plain, params, grads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)
 
 
 def test_fsdp_spec_splits_large_leaves_only():

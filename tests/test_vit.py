@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmcmae_jax.models.vit import ViTEncoder, parse_variant, patchify, sincos_pos_embed_2d, unpatchify
+from mmcmae_jax.models.vit import (ViTEncoder, dot_product_attention, parse_variant, patchify,
+                                   sincos_pos_embed_2d, unpatchify)
 
 
 def count(tree):
@@ -79,3 +80,20 @@ def test_patchify_roundtrip_and_layout():
     assert patches.shape == (2, 6, 48)
     np.testing.assert_array_equal(patches[0, 1], images[0, 0:4, 4:8].reshape(-1))  # row-major patches
     np.testing.assert_array_equal(unpatchify(patches, 4, 2, 3), images)
+
+
+def test_attention_against_numpy_with_and_without_key_mask():
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 3, 5, 4)).astype(np.float32) for _ in range(3))
+    key_mask = np.array([[True] * 5, [True, False, True, True, False]])
+
+    def numpy_attention(mask):
+        logits = np.einsum("bhqd,bhkd->bhqk", q.astype(np.float64), k) / np.sqrt(4)
+        logits = np.where(mask[:, None, None, :], logits, -np.inf)
+        weights = np.exp(logits - logits.max(-1, keepdims=True))
+        return np.einsum("bhqk,bhkd->bhqd", weights / weights.sum(-1, keepdims=True), v)
+
+    np.testing.assert_allclose(dot_product_attention(q, k, v), numpy_attention(np.ones((2, 5), bool)),
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, jnp.asarray(key_mask)), numpy_attention(key_mask),
+                               rtol=1e-5, atol=1e-6)

@@ -108,6 +108,21 @@ class PatchEmbed(nn.Module):
         return rearrange(x, "b h w d -> b (h w) d")
 
 
+def dot_product_attention(q, k, v, key_mask: Optional[jax.Array] = None) -> jax.Array:
+    """Softmax attention of heads-major q, k, v (B, H, N, D); key_mask (B, N_keys), False = never attended.
+
+    The same arithmetic as jax.nn.dot_product_attention (float32 logits and softmax), written with the
+    heads before the tokens: with jax's (B, N, H, D) layout XLA's CPU backend runs the per-head matmuls
+    in a transposed form at a fraction of the speed, and the whole attention took 2.4x as long
+    (docs/results.md, "Attention layout").
+    """
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, -0.7 * jnp.finfo(jnp.float32).max)
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+
+
 class Attention(nn.Module):
     num_heads: int
     dtype: jnp.dtype = jnp.float32
@@ -117,10 +132,9 @@ class Attention(nn.Module):
         width = x.shape[-1]
         qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
         # timm's fused qkv: output channels ordered (q|k|v, head, head_dim).
-        q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=self.num_heads)
-        mask = None if key_mask is None else key_mask[:, None, None, :]  # (B, 1, 1, N_keys)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        return nn.Dense(width, dtype=self.dtype, name="proj")(rearrange(out, "b n h d -> b n (h d)"))
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
+        out = dot_product_attention(q, k, v, key_mask)
+        return nn.Dense(width, dtype=self.dtype, name="proj")(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class Mlp(nn.Module):

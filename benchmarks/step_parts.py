@@ -10,6 +10,8 @@
 2. The optimizer update (mmcmae_jax.train.optim.make_optimizer: one global norm for the clip and the
    non-finite check) against optax's clip_by_global_norm + adamw behind optax.apply_if_finite, on the
    parameter tree of the stage-2 model.
+3. The teachers' work: our ViT encoder's forward over a batch of full 224 px frames, and timm's
+   VisionTransformer.forward_features on the same shapes when PyTorch and timm are installed.
 """
 from __future__ import annotations
 
@@ -100,6 +102,28 @@ def optimizer_updates(variant: str, repeats: int) -> dict:
     return out
 
 
+def encoder_forward(variant: str, batch: int, repeats: int) -> dict:
+    from mmcmae_jax.models.vit import ViTEncoder, parse_variant
+    encoder = ViTEncoder(variant)
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(batch, 224, 224, 3)), jnp.float32)
+    params = encoder.init(jax.random.key(0), images)
+    forward = jax.jit(lambda p, x: encoder.apply(p, x)[0])
+    out = {"ours (JAX)": seconds_per_call(forward, params, images, repeats=repeats)}
+    try:
+        from mmcmae_jax.port.timm_import import import_timm
+        timm, torch = import_timm()
+        spec = parse_variant(variant)
+        model = timm.models.vision_transformer.VisionTransformer(
+            img_size=224, patch_size=spec.patch_size, embed_dim=spec.width, depth=spec.depth,
+            num_heads=spec.num_heads, num_classes=0).eval()
+        torch_images = torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+        with torch.no_grad():
+            out["timm (PyTorch eager)"] = seconds_per_call(model.forward_features, torch_images, repeats=repeats)
+    except ImportError:
+        pass
+    return out
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="B/16")
@@ -120,6 +144,12 @@ def main():
             if both is not None:
                 line += f"  forward+backward {both * 1e3:7.1f} ms ({reference[1] / both:.2f}x)"
             print(line, flush=True)
+
+    rows = encoder_forward(args.variant, args.batch, max(2, args.repeats // 2))
+    print(f"encoder forward, batch {args.batch} of 224 px frames (the teachers' work; speed-up against ours):",
+          flush=True)
+    for name, seconds in rows.items():
+        print(f"  {name:38s} {seconds * 1e3:7.1f} ms ({rows['ours (JAX)'] / seconds:.2f}x)", flush=True)
 
     rows = optimizer_updates(args.variant, max(2, args.repeats // 2))
     print(f"optimizer update of the stage-2 model ({rows.pop('parameters') / 1e6:.1f} M parameters):", flush=True)

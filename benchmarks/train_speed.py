@@ -65,8 +65,8 @@ def matmul_peak(size: int, dtype: str, repeats: int = 5) -> dict:
     return out
 
 
-def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str):
-    """(run one step, XLA FLOPs per step): the trainer's compiled step on random data."""
+def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str, with_compiled: bool = False):
+    """(run one step, XLA FLOPs per step[, the compiled step]): the trainer's compiled step on random data."""
     import jax
     import jax.numpy as jnp
     from mmcmae_jax.config import training_config
@@ -111,6 +111,8 @@ def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str):
     def run():
         holder["state"], metrics = compiled(holder["state"], frozen, data, seed)
         metrics["loss"].block_until_ready()
+    if with_compiled:
+        return run, compiled_flops(compiled), compiled
     return run, compiled_flops(compiled)
 
 

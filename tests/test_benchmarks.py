@@ -123,9 +123,20 @@ def test_step_parts_compares_each_part_with_what_it_replaced():
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     ours = [line for line in lines if line.strip().startswith("ours")]
-    assert len(ours) == 3, out.stdout  # attention at two lengths, and the optimizer update
+    assert len(ours) == 4, out.stdout  # attention at two lengths, the encoder forward, the optimizer update
     assert all("x)" in line and "ms" in line for line in ours), out.stdout
     assert any("optimizer update" in line and "M parameters" in line for line in lines), out.stdout
+
+
+def test_profile_step_splits_the_step_into_its_parts():
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "profile_step.py"), "--variant", "64x2x2/16",
+                          "--image-size", "64", "--batch", "2"], capture_output=True, text=True, timeout=600,
+                         cwd=BENCHMARKS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "s wall" in out.stdout and "summed over threads" in out.stdout, out.stdout
+    for part in ("teachers (forward)", "rgb_encoder (backward)", "depth_encoder (forward)", "decoder (forward)",
+                 "losses, masking, optimizer"):
+        assert part in out.stdout, out.stdout
 
 
 def test_ablation_runs_end_to_end_on_a_tiny_model(tmp_path):

@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +23,11 @@ import numpy as np
 import optax
 from einops import rearrange
 
+from train_speed import timed
+
 
 def seconds_per_call(fn, *args, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))
-    start = time.perf_counter()
-    for _ in range(repeats):
-        jax.block_until_ready(fn(*args))
-    return (time.perf_counter() - start) / repeats
+    return timed(lambda: jax.block_until_ready(fn(*args)), repeats, 1)
 
 
 def attention_layouts(batch: int, tokens: int, heads: int, head_dim: int, repeats: int) -> dict:

@@ -1,10 +1,11 @@
-"""Two parts of the train step, each against the formulation it replaced, measured in the same run.
+"""Three parts of the train step, each against the formulation it replaced, measured in the same run.
 
     python benchmarks/step_parts.py               # ViT-B/16 shapes, about 2 min on 2 CPU cores
     python benchmarks/step_parts.py --variant 64x2x2/16 --batch 2   # a quick check of the script
 
-1. Attention (mmcmae_jax.models.vit.dot_product_attention, heads before tokens) against
-   jax.nn.dot_product_attention (tokens before heads), forward and forward + backward, over a ViT's
+1. Attention (mmcmae_jax.models.vit.dot_product_attention: heads before tokens, the softmax normalised
+   after the values are summed) against jax.nn.dot_product_attention (tokens before heads) and against
+   the heads-first softmax it replaced, forward and forward + backward, over a ViT's
    full frame (the teachers) and over the 40 tokens a stage-2 encoder sees; PyTorch's fused
    scaled_dot_product_attention forward beside them when PyTorch is installed.
 2. The optimizer update (mmcmae_jax.train.optim.make_optimizer: one global norm for the clip and the
@@ -38,12 +39,19 @@ def attention_layouts(batch: int, tokens: int, heads: int, head_dim: int, repeat
         q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=heads)
         return rearrange(jax.nn.dot_product_attention(q, k, v), "b n h d -> b n (h d)")
 
+    def heads_first_softmax(qkv):  # the step between: heads first, probabilities normalised before the values
+        q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
+        logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) * head_dim ** -0.5
+        return rearrange(jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v), "b h n d -> b n (h d)")
+
     def heads_first(qkv):
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=heads)
         return rearrange(dot_product_attention(q, k, v), "b h n d -> b n (h d)")
 
     out = {}
-    for name, fn in (("jax.nn.dot_product_attention", tokens_first), ("ours (heads first)", heads_first)):
+    for name, fn in (("jax.nn.dot_product_attention", tokens_first),
+                     ("heads first, softmax, then values", heads_first_softmax),
+                     ("ours (heads first, normalised last)", heads_first)):
         forward = jax.jit(fn)
         backward = jax.jit(jax.grad(lambda x, fn=fn: jnp.sum(fn(x) ** 2)))
         out[name] = (seconds_per_call(forward, qkv, repeats=repeats), seconds_per_call(backward, qkv, repeats=repeats))

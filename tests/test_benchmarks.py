@@ -38,6 +38,28 @@ def test_compiled_flops_of_a_matmul_are_2mnk():
     np.testing.assert_allclose(flops, 2 * 64 * 96 * 32, rtol=0.01)
 
 
+def test_matmuls_alone_reads_every_matmul_of_a_compiled_step():
+    """The HLO reader finds each dot with its sizes (a plain matmul, a batched einsum with a transposed
+    operand, a gradient's dots) and the convolution's FLOPs, matching counts made by hand."""
+    import matmuls_alone
+
+    def f(x, w, q, k, images, kernel):
+        attention = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+        conv = jax.lax.conv_general_dilated(images, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(jnp.tanh(x @ w) ** 2) + jnp.sum(attention) + jnp.sum(conv)
+
+    shapes = dict(x=(24, 40), w=(40, 56), q=(2, 3, 10, 8), k=(2, 3, 12, 8), images=(2, 16, 16, 3), kernel=(4, 4, 3, 32))
+    args = [jax.ShapeDtypeStruct(v, jnp.float32) for v in shapes.values()]
+    hlo = jax.jit(jax.value_and_grad(f, argnums=1)).lower(*args).compile().as_text()  # d/dw adds x.T @ g
+    dots, conv_flops = matmuls_alone.step_matmuls(hlo)
+    sizes = sorted(d.sizes() for d, n in dots.items() for _ in range(n))
+    assert sizes in (sorted([(1, 24, 40, 56), (1, 40, 24, 56), (6, 10, 8, 12)]),  # dW as x.T @ g or g.T @ x
+                     sorted([(1, 24, 40, 56), (1, 56, 24, 40), (6, 10, 8, 12)])), sizes
+    assert conv_flops == 2 * (2 * 4 * 4 * 32) * (4 * 4 * 3)
+    ceiling = matmuls_alone.time_step_matmuls(hlo, with_torch=False, repeats=1)
+    assert ceiling["matmul_flops"] == 2 * (2 * 24 * 40 * 56 + 6 * 10 * 8 * 12) and ceiling["xla_s"] > 0
+
+
 def test_step_flops_scale_with_the_batch_and_follow_the_work():
     m3, inputs = tiny_objective(2, "m3")
     two, four = loss_and_grad_flops(m3, 2, 32, inputs), loss_and_grad_flops(m3, 4, 32, inputs)
@@ -114,6 +136,9 @@ def test_train_speed_prints_every_figure_on_a_tiny_model():
     stage2 = next(line for line in lines if line.startswith("s2-S16-128:"))
     for figure in ("JAX", "img/s", "XLA-counted", "matmul util", "PyTorch eager", "JAX/eager"):
         assert figure in stage2, stage2
+    ceiling = lines[lines.index(stage2) + 1]  # the step's matmuls timed alone, in XLA and PyTorch
+    for figure in ("matmuls, each run alone", "XLA", "of the JAX step", "PyTorch", "x the PyTorch eager step"):
+        assert figure in ceiling, ceiling
     assert any("s1-S16-128" in line and "needs" in line and "cores" in line for line in lines), out.stdout
 
 

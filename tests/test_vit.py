@@ -97,3 +97,28 @@ def test_attention_against_numpy_with_and_without_key_mask():
                                rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(dot_product_attention(q, k, v, jnp.asarray(key_mask)), numpy_attention(key_mask),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_attention_gradient_and_edge_cases():
+    """The deferred normalisation's gradient equals jax's softmax attention's, with a key mask; a query
+    whose keys are all masked averages the values; bfloat16 inputs give a bfloat16 output."""
+    rng = np.random.default_rng(1)
+    q, k, v = (jnp.asarray(rng.normal(size=(2, 3, 6, 8)).astype(np.float32)) for _ in range(3))
+    key_mask = jnp.asarray([[True] * 6, [False, True, True, False, True, True]])
+    cotangent = jnp.asarray(rng.normal(size=(2, 3, 6, 8)).astype(np.float32))
+
+    def reference(q, k, v):  # jax's attention takes (B, N, H, D) and a (B, H, Q, K) mask
+        swap = lambda x: x.transpose(0, 2, 1, 3)
+        return swap(jax.nn.dot_product_attention(swap(q), swap(k), swap(v), mask=key_mask[:, None, None, :]))
+
+    ours = jax.grad(lambda *a: jnp.sum(dot_product_attention(*a, key_mask) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    theirs = jax.grad(lambda *a: jnp.sum(reference(*a) * cotangent), argnums=(0, 1, 2))(q, k, v)
+    for name, a, b in zip("qkv", ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"d/d{name}")
+
+    none_visible = jnp.zeros((2, 6), bool)
+    np.testing.assert_allclose(dot_product_attention(q, k, v, none_visible),
+                               jnp.broadcast_to(v.mean(axis=2, keepdims=True), v.shape), rtol=1e-5, atol=1e-6)
+    out = dot_product_attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), key_mask)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(np.float32), reference(q, k, v), atol=0.05)

@@ -1,0 +1,162 @@
+"""The train step's matmuls, each timed alone in XLA and, at the same sizes, in PyTorch: how much of
+the step is matmul time, and how XLA's GEMMs compare with PyTorch's on exactly this model's shapes.
+
+    python benchmarks/matmuls_alone.py                       # stage 2, ViT-B/16, 224 px, batch 8
+    python benchmarks/matmuls_alone.py --stage 1 --variant S/16 --image-size 128 --no-torch
+
+Every `dot` of the compiled step's optimised HLO (fused or not) is read with its operand shapes and
+dimension numbers. Each distinct one runs alone as the same `lax.dot_general` in XLA, and as a
+contiguous (batch, M, K) @ (batch, K, N) matmul of the same sizes in PyTorch (MKL on the CPU), the
+layout that suits its GEMM best. It prints the two sums, and an estimate of the JAX step with
+PyTorch's matmul times in place of XLA's (step - XLA sum + PyTorch sum) against the PyTorch eager
+step: the part of the gap that is the GEMM library's. The sums are not a strict floor: in the step,
+independent matmuls may run side by side, which small ones use better than two threads each.
+
+Convolutions (the patch embedding) are not timed; their share of the FLOPs is printed. CPU only: on
+GPUs XLA hands matmuls to cuBLAS as custom calls, which this reader does not parse.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import math
+import re
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Dot:
+    dtype: str
+    lhs: tuple
+    rhs: tuple
+    lhs_batch: tuple
+    lhs_contract: tuple
+    rhs_batch: tuple
+    rhs_contract: tuple
+
+    def sizes(self) -> tuple:
+        """(batch, M, K, N): the products of the batch, lhs-free, contracting and rhs-free dimensions."""
+        size = lambda shape, dims: math.prod(shape[d] for d in dims)
+        lhs_free = [d for d in range(len(self.lhs)) if d not in self.lhs_batch + self.lhs_contract]
+        rhs_free = [d for d in range(len(self.rhs)) if d not in self.rhs_batch + self.rhs_contract]
+        return (size(self.lhs, self.lhs_batch), size(self.lhs, lhs_free), size(self.lhs, self.lhs_contract),
+                size(self.rhs, rhs_free))
+
+    @property
+    def flops(self) -> int:
+        return 2 * math.prod(self.sizes())
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
+_OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\]\S* (dot|convolution)"
+                 r"\(%([\w.\-]+), %([\w.\-]+)\)(.*)$", re.M)
+
+
+def step_matmuls(hlo_text: str):
+    """(Counter {Dot: occurrences}, convolution FLOPs) of an optimised HLO module's text."""
+    shapes = {m.group(1): (m.group(2), tuple(int(d) for d in m.group(3).split(",") if d))
+              for m in _INSTRUCTION.finditer(hlo_text)}
+    dots, conv_flops = collections.Counter(), 0
+    for m in _OP.finditer(hlo_text):
+        out_shape, op, lhs, rhs, attrs = m.groups()
+        (dtype, lhs_shape), (_, rhs_shape) = shapes[lhs], shapes[rhs]
+        if op == "convolution":  # 2 x outputs x (kernel elements per output feature); no feature groups here
+            labels = re.search(r"dim_labels=\w+_(\w+)->", attrs).group(1)
+            out_elements = math.prod(int(d) for d in out_shape.split(","))
+            conv_flops += 2 * out_elements * math.prod(rhs_shape) // rhs_shape[labels.index("o")]
+            continue
+        dims = {k: tuple(int(d) for d in v.split(",") if d) for k, v in re.findall(r"(\w+)_dims=\{([\d,]*)\}", attrs)}
+        dots[Dot(dtype, lhs_shape, rhs_shape, dims.get("lhs_batch", ()), dims.get("lhs_contracting", ()),
+                 dims.get("rhs_batch", ()), dims.get("rhs_contracting", ()))] += 1
+    return dots, conv_flops
+
+
+def time_in_xla(dot: Dot, repeats: int) -> float:
+    import jax
+    import jax.numpy as jnp
+    from train_speed import timed
+    keys = jax.random.split(jax.random.key(0))
+    lhs, rhs = (jax.random.normal(k, s, jnp.dtype({"f32": "float32", "bf16": "bfloat16"}[dot.dtype]))
+                for k, s in zip(keys, (dot.lhs, dot.rhs)))
+    numbers = ((dot.lhs_contract, dot.rhs_contract), (dot.lhs_batch, dot.rhs_batch))
+    run = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers))
+    return timed(lambda: run(lhs, rhs).block_until_ready(), repeats, 1)
+
+
+def time_in_torch(dot: Dot, repeats: int) -> float:
+    import torch
+    from train_speed import timed
+    batch, m, k, n = dot.sizes()
+    dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[dot.dtype]
+    lhs, rhs = torch.randn(batch, m, k, dtype=dtype), torch.randn(batch, k, n, dtype=dtype)
+    if batch == 1:
+        lhs, rhs = lhs[0], rhs[0]
+        return timed(lambda: torch.mm(lhs, rhs), repeats, 1)
+    return timed(lambda: torch.bmm(lhs, rhs), repeats, 1)
+
+
+def time_step_matmuls(hlo_text: str, with_torch: bool = True, repeats: int = 3, show: int = 0) -> dict:
+    """Seconds of the step's matmuls run one by one in XLA (and PyTorch), with the FLOPs they cover."""
+    dots, conv_flops = step_matmuls(hlo_text)
+    out = collections.Counter(matmul_flops=sum(d.flops * n for d, n in dots.items()), conv_flops=conv_flops)
+    rows = []
+    for dot, count in dots.items():
+        row = dict(dot=dot, count=count, xla=time_in_xla(dot, repeats) * count)
+        if with_torch:
+            row["torch"] = time_in_torch(dot, repeats) * count
+        out["xla_s"] += row["xla"]
+        out["torch_s"] += row.get("torch", 0.0)
+        rows.append(row)
+    rows.sort(key=lambda r: -r["xla"])
+    for row in rows[:show]:
+        batch, m, k, n = row["dot"].sizes()
+        line = (f"    {row['count']:3d} x (batch {batch}) {m}x{k} @ {k}x{n}: XLA "
+                f"{row['dot'].flops * row['count'] / row['xla'] / 1e9:5.0f} GFLOP/s")
+        if "torch" in row:
+            line += f", PyTorch {row['dot'].flops * row['count'] / row['torch'] / 1e9:5.0f} GFLOP/s"
+        print(line, flush=True)
+    return dict(out)
+
+
+def report(c: dict, batch: int, jax_step_s: float, torch_step_s: float = 0.0) -> str:
+    """The line train_speed.py and this script print for one case."""
+    share = c["matmul_flops"] / (c["matmul_flops"] + c["conv_flops"])
+    rate = lambda seconds: f"{c['matmul_flops'] / seconds / 1e9:.0f} GFLOP/s"
+    line = (f"  the step's matmuls, each run alone ({c['matmul_flops'] / 1e9:.0f} GFLOP, {share:.1%} of matmul + "
+            f"conv FLOPs): XLA {c['xla_s']:.2f} s ({rate(c['xla_s'])}) = {c['xla_s'] / jax_step_s:.0%} of the JAX step")
+    if c.get("torch_s"):
+        line += (f"; PyTorch {c['torch_s']:.2f} s ({rate(c['torch_s'])}), XLA at {c['torch_s'] / c['xla_s']:.2f}x "
+                 f"its speed")
+        if torch_step_s:
+            swapped = jax_step_s - c["xla_s"] + c["torch_s"]
+            line += (f"; with PyTorch's matmul times the JAX step would take about {swapped:.2f} s = "
+                     f"{torch_step_s / swapped:.2f}x the PyTorch eager step")
+    return line
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--variant", default="B/16")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--show", type=int, default=8, help="the matmuls listed, largest XLA time first")
+    parser.add_argument("--no-torch", action="store_true", help="skip PyTorch (its matmuls and its step)")
+    args = parser.parse_args()
+
+    from train_speed import jax_step, timed, torch_step
+    run, _, compiled = jax_step(args.stage, args.variant, args.image_size, args.batch, "float32", with_compiled=True)
+    jax_s = timed(run, 3, 1)
+    torch_s = 0.0
+    if not args.no_torch and args.stage == 2:
+        torch_s = timed(torch_step(args.stage, args.variant, args.image_size, args.batch, "cpu", False, False), 3, 1)
+    print(f"stage {args.stage} {args.variant} at {args.image_size} px, batch {args.batch}: JAX step {jax_s:.2f} s"
+          + (f", PyTorch eager step {torch_s:.2f} s" if torch_s else ""), flush=True)
+    c = time_step_matmuls(compiled.as_text(), with_torch=not args.no_torch, show=args.show)
+    print(report(c, args.batch, jax_s, torch_s), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -17,7 +17,6 @@ GPUs XLA hands matmuls to cuBLAS as custom calls, which this reader does not par
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import math
@@ -137,11 +136,8 @@ def report(c: dict, batch: int, jax_step_s: float, torch_step_s: float = 0.0) ->
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--variant", default="B/16")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
+    from train_speed import one_case_parser
+    parser = one_case_parser(__doc__)
     parser.add_argument("--show", type=int, default=8, help="the matmuls listed, largest XLA time first")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch (its matmuls and its step)")
     args = parser.parse_args()

@@ -14,7 +14,6 @@ times can exceed the step's wall time; the script prints both.
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import glob
 import gzip
@@ -37,11 +36,8 @@ def part_of(op_name: str) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
-    parser.add_argument("--variant", default="B/16")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--batch", type=int, default=8)
+    from train_speed import one_case_parser
+    parser = one_case_parser(__doc__)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--top", type=int, default=12, help="kernel kinds listed")
     parser.add_argument("--trace-dir", default="", help="keep the trace here (for Perfetto or TensorBoard)")

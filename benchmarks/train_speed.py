@@ -34,6 +34,16 @@ CASES = {  # name -> (stage, variant, image size)
 }
 
 
+def one_case_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments of the scripts that study one step (profile_step.py, matmuls_alone.py)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
+    parser.add_argument("--variant", default="B/16")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--batch", type=int, default=8)
+    return parser
+
+
 def timed(step, steps: int, warmup: int) -> float:
     """Seconds per call of step() (which blocks until its work is done), after `warmup` calls."""
     for _ in range(warmup):

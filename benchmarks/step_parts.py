@@ -1,6 +1,6 @@
 """Three parts of the train step, each against the formulation it replaced, measured in the same run.
 
-    python benchmarks/step_parts.py               # ViT-B/16 shapes, about 2 min on 2 CPU cores
+    python benchmarks/step_parts.py               # ViT-B/16 shapes, about 3 min on 2 CPU cores
     python benchmarks/step_parts.py --variant 64x2x2/16 --batch 2   # a quick check of the script
 
 1. Attention (mmcmae_jax.models.vit.dot_product_attention: heads before tokens, the softmax normalised

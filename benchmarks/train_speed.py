@@ -18,7 +18,8 @@ at the same sizes in PyTorch (benchmarks/matmuls_alone.py): how much of the step
 how XLA's GEMMs compare with PyTorch's on this model's shapes. "matmul util" counts matmul and
 convolution FLOPs only (PyTorch's FlopCounterMode on the reference, within 1-5 % of XLA's count of
 everything on CPU) against the better measured matmul peak; on a GPU it is the model-FLOP utilisation
-against the dense bf16 peak of the spec sheet. `--variant 64x2x2/16` swaps in a tiny ViT for a quick check of the script itself.
+against the dense bf16 peak of the spec sheet. `--variant 64x2x2/16` swaps in a tiny ViT for a quick
+check of the script itself.
 """
 from __future__ import annotations
 

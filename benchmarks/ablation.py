@@ -14,10 +14,17 @@ fine-tuning, 200 other rooms for evaluation. Objectives (configs/ names in brack
     m3_contrastive   stage 1 only [m3_contrastive_only]
     m3_no_denoise    stage 1, then stage 2 without denoising [m3_no_denoise]
     m3               stage 1, then stage 2: depth reconstruction, denoising, distillation [m3]
+and, with --diagnose-stage1, a row that is not at equal compute, to see what stage 2 does to the encoder
+it starts from (4 more fine-tunes, about 5 min):
+    m3_stage1        M3's own stage 1 alone (--stage1-steps), fine-tuned as it is when stage 2 starts
 Equal compute: M3 gets --stage1-steps then --stage2-steps at batch 32; every other objective gets the
 number of steps whose train FLOPs (XLA's cost analysis of the compiled forward and backward) match
 M3's total. The three M3 variants share one stage-1 run per seed. Every run is a work directory under
-WORKDIR; re-running skips what is finished. The table goes to WORKDIR/results.md and results.json.
+WORKDIR; re-running skips what is finished, so a WORKDIR keeps the settings it was made with
+(settings.json) and refuses others. The table goes to WORKDIR/results.md and results.json.
+M3's schedule can be varied, each setting in its own WORKDIR (docs/results.md has the runs):
+    python benchmarks/ablation.py --workdir /tmp/m3_split --stage1-steps 160 --stage2-steps 102 \
+        --objectives m3 --diagnose-stage1 [--m3-stage2-lr 1e-4]
 """
 from __future__ import annotations
 
@@ -29,7 +36,9 @@ import time
 
 import numpy as np
 
-OBJECTIVES = ("scratch", "mae", "mask3d", "multimae", "m3_contrastive", "m3_no_denoise", "m3")
+OBJECTIVES = ("scratch", "mae", "mask3d", "multimae", "m3_contrastive", "m3_no_denoise", "m3")  # equal compute
+DIAGNOSTICS = ("m3_stage1",)  # below M3's compute: outside the claim
+STAGE1_SHARERS = ("m3_stage1", "m3_no_denoise", "m3")  # one stage-1 run per seed serves all three
 STAGE2_OBJECTIVE = {"mae": "mae", "mask3d": "mask3d", "multimae": "multimae", "m3_no_denoise": "m3_no_denoise",
                     "m3": "m3"}  # ablation name -> config.OBJECTIVES key
 METRICS = (("depth", "delta1", "δ1 ↑"), ("depth", "abs_rel", "AbsRel ↓"), ("depth", "rmse", "RMSE ↓"),
@@ -39,9 +48,30 @@ METRICS = (("depth", "delta1", "δ1 ↑"), ("depth", "abs_rel", "AbsRel ↓"), (
 def settings(smoke: bool) -> dict:
     if smoke:
         return dict(variant="64x2x2/8", image_size=32, frames=64, eval_frames=12, batch=8, stage1_steps=3,
-                    stage2_steps=3, finetune_steps=3, label_fraction=0.5, head_features=16)
+                    stage2_steps=3, finetune_steps=3, label_fraction=0.5, head_features=16, pretrain_lr=5e-4,
+                    m3_stage2_lr=5e-4)
     return dict(variant="Ti/16", image_size=64, frames=2000, eval_frames=200, batch=32, stage1_steps=100,
-                stage2_steps=200, finetune_steps=80, label_fraction=0.1, head_features=64)
+                stage2_steps=200, finetune_steps=80, label_fraction=0.1, head_features=64, pretrain_lr=5e-4,
+                m3_stage2_lr=5e-4)
+
+
+def claim_workdir(workdir: str, s: dict) -> None:
+    """Runs in a work directory are re-used by name, so one directory holds one set of settings."""
+    path = os.path.join(workdir, "settings.json")
+    earlier = None
+    for name in ("settings.json", "results.json"):  # results.json: directories from before settings.json
+        if os.path.exists(os.path.join(workdir, name)):
+            with open(os.path.join(workdir, name), encoding="utf-8") as f:
+                record = json.load(f)
+            earlier = record if name == "settings.json" else record["settings"]
+            break
+    if earlier is not None and earlier != s:
+        changed = ", ".join(f"{k}: {earlier.get(k)!r} there, {s.get(k)!r} now" for k in sorted(set(s) | set(earlier))
+                            if earlier.get(k) != s.get(k))
+        raise SystemExit(f"--workdir {workdir} holds runs made with other settings ({changed}); "
+                         "its finished runs would be re-used as they are: give a new --workdir")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(s, f, indent=1)
 
 
 def pretrain_config(s: dict, stage: int, objective: str, steps: int, seed: int, data_path: str):
@@ -55,7 +85,7 @@ def pretrain_config(s: dict, stage: int, objective: str, steps: int, seed: int, 
         config.objective.update(change)
     config.update(batch_size=s["batch"], total_steps=steps, seed=seed, log_every=max(steps // 5, 1),
                   image_every=0, checkpoint_every=steps, keep_checkpoints=1)
-    config.optim.update(lr=5e-4, warmup_steps=max(steps // 10, 1))
+    config.optim.update(lr=s["pretrain_lr"], warmup_steps=max(steps // 10, 1))
     config.data.update(path=data_path, crop_scale=(0.5, 1.0))
     return config
 
@@ -103,6 +133,7 @@ def pretrain_plan(s: dict, flops: dict) -> dict:
     plan["m3_contrastive"] = [(1, "m3", max(1, round(budget / flops["stage1"])))]
     for name in ("m3_no_denoise", "m3"):
         plan[name] = [(1, "m3", s["stage1_steps"]), (2, name, s["stage2_steps"])]
+    plan["m3_stage1"] = [(1, "m3", s["stage1_steps"])]
     return plan, budget
 
 
@@ -128,11 +159,12 @@ def run_pretraining(s, plan, seed, root, data_path, log, objectives=OBJECTIVES) 
     for name in [n for n in objectives if n != "scratch"]:
         seconds, previous = 0.0, ""
         for stage, key, steps in plan[name]:
-            shared = stage == 1 and name in ("m3_no_denoise", "m3")
+            shared = stage == 1 and name in STAGE1_SHARERS
             workdir = shared_stage1 if shared else os.path.join(root, f"seed{seed}", "pretrain", name)
             config = pretrain_config(s, stage, key, steps, seed, data_path)
-            if stage == 2 and previous:
+            if stage == 2 and previous:  # M3's stage 2, continuing from its stage 1
                 config.init_from = previous
+                config.optim.lr = s["m3_stage2_lr"]
             seconds += timed_stage(config, workdir, f"{name} seed {seed}")
             previous = workdir
         encoders[name] = (previous, seconds)
@@ -176,20 +208,33 @@ def table(results: dict, seeds, plan, flops, pretrain_seconds, objectives=OBJECT
         for task, key, _ in METRICS:
             values = np.array([results[seed][name][task][key] for seed in seeds])
             cells.append(f"{values.mean():.3f} ± {(values.max() - values.min()) / 2:.3f}")
-        lines.append(f"| {name} | {steps} | {tflops:.1f} | {seconds:.0f} | " + " | ".join(cells) + " |")
+        label = f"{name} (diagnostic)" if name in DIAGNOSTICS else name
+        lines.append(f"| {label} | {steps} | {tflops:.1f} | {seconds:.0f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def claim(results: dict, seeds, objectives=OBJECTIVES) -> str:
-    """Does full M3 match or beat every other objective on both tasks (seed means)?"""
-    lines = []
+def claim(results: dict, seeds, objectives=None) -> str:
+    """Does full M3 match or beat every other equal-compute objective on both tasks (seed means)? And,
+    where M3's stage 1 was fine-tuned alone, what stage 2 changed. `objectives`: all in `results`."""
+    objectives = list(results[seeds[0]]) if objectives is None else objectives
+    lines, compared = [], [n for n in objectives if n not in DIAGNOSTICS]
     for task, key, label in METRICS:
         better_low = "↓" in label
         mean = {n: np.mean([results[seed][n][task][key] for seed in seeds]) for n in objectives}
-        beaten_by = [n for n in objectives if n != "m3" and (mean[n] < mean["m3"] if better_low else mean[n] > mean["m3"])]
-        lines.append(f"- {task} {label}: M3 {mean['m3']:.3f}; "
-                     + ("at least as good as every other objective" if not beaten_by else
-                        "beaten by " + ", ".join(f"{n} ({mean[n]:.3f})" for n in beaten_by)))
+        beaten_by = [n for n in compared
+                     if n != "m3" and (mean[n] < mean["m3"] if better_low else mean[n] > mean["m3"])]
+        if len(compared) == 1:
+            verdict = "no other objective at equal compute was run"
+        elif not beaten_by:
+            verdict = "at least as good as every other objective"
+        else:
+            verdict = "beaten by " + ", ".join(f"{n} ({mean[n]:.3f})" for n in beaten_by)
+        line = f"- {task} {label}: M3 {mean['m3']:.3f}; {verdict}"
+        if "m3_stage1" in objectives:
+            improved = mean["m3"] < mean["m3_stage1"] if better_low else mean["m3"] > mean["m3_stage1"]
+            line += (f"; stage 2 took it from {mean['m3_stage1']:.3f} (stage 1 alone) to {mean['m3']:.3f}: "
+                     + ("better" if improved else "no better"))
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -198,7 +243,14 @@ def main():
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--smoke", action="store_true", help="tiny model and data, a few steps (tests)")
-    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES,
+    parser.add_argument("--stage1-steps", type=int, help="M3's stage-1 steps (default 100; smoke 3)")
+    parser.add_argument("--stage2-steps", type=int, help="M3's stage-2 steps (default 200; smoke 3); the two "
+                        "set the compute every other objective gets")
+    parser.add_argument("--m3-stage2-lr", type=float, help="peak learning rate of M3's stage 2 (default 5e-4, "
+                        "that of every pre-training run)")
+    parser.add_argument("--diagnose-stage1", action="store_true",
+                        help="also fine-tune M3's stage 1 alone: what stage 2 starts from (outside the claim)")
+    parser.add_argument("--objectives", nargs="+", default=list(OBJECTIVES), choices=OBJECTIVES + DIAGNOSTICS,
                         help="a subset, for a quick look (the claim needs m3)")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
@@ -206,7 +258,20 @@ def main():
     absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
     from mmcmae_jax.data import procedural, records
 
+    if args.diagnose_stage1 and "m3_stage1" not in args.objectives:
+        args.objectives.append("m3_stage1")
     s = settings(args.smoke)
+    for stage in (1, 2):
+        steps = getattr(args, f"stage{stage}_steps")
+        if steps is not None:
+            if steps < 1:
+                parser.error(f"--stage{stage}-steps must be at least 1, got {steps}")
+            s[f"stage{stage}_steps"] = steps
+    if args.m3_stage2_lr is not None:
+        if not args.m3_stage2_lr > 0:
+            parser.error(f"--m3-stage2-lr must be positive, got {args.m3_stage2_lr}")
+        s["m3_stage2_lr"] = args.m3_stage2_lr
+    claim_workdir(args.workdir, s)
     started = time.perf_counter()
     log_path = os.path.join(args.workdir, "ablation.log")
 

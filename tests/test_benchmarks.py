@@ -87,14 +87,32 @@ def test_ablation_plan_gives_every_objective_m3s_compute():
     flops = {"stage1": 10.0, "m3": 4.0, "m3_no_denoise": 3.9, "mae": 1.0, "mask3d": 2.5, "multimae": 3.0}
     plan, budget = ablation.pretrain_plan(s, flops)
     assert budget == 10.0 * s["stage1_steps"] + 4.0 * s["stage2_steps"]
-    assert set(plan) == set(ablation.OBJECTIVES) and plan["scratch"] == []
+    assert set(plan) == set(ablation.OBJECTIVES + ablation.DIAGNOSTICS) and plan["scratch"] == []
     for name, runs in plan.items():
-        if name in ("scratch", "m3_no_denoise"):
+        if name in ("scratch", "m3_no_denoise") + ablation.DIAGNOSTICS:
             continue
         spent = sum(flops["stage1" if stage == 1 else key] * steps for stage, key, steps in runs)
         cheapest_step = min(flops["stage1" if stage == 1 else key] for stage, key, _ in runs)
         assert abs(spent - budget) <= cheapest_step / 2 + 1e-9, (name, spent, budget)
     assert plan["m3_no_denoise"][0] == plan["m3"][0] == (1, "m3", s["stage1_steps"])  # one shared stage 1
+    assert plan["m3_stage1"] == [plan["m3"][0]]  # the diagnostic is M3's own stage 1, nothing more
+
+
+def test_ablation_workdir_refuses_runs_made_with_other_settings(tmp_path):
+    import ablation
+    s = ablation.settings(smoke=True)
+    ablation.claim_workdir(str(tmp_path), s)
+    ablation.claim_workdir(str(tmp_path), dict(s))  # the same settings again: its runs are re-used
+    with pytest.raises(SystemExit, match=r"stage1_steps: 3 there, 7 now.*give a new --workdir"):
+        ablation.claim_workdir(str(tmp_path), dict(s, stage1_steps=7))
+    # A directory from before settings.json existed: its results.json holds the settings.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "results.json").write_text(json.dumps({"settings": s, "results": {}}))
+    with pytest.raises(SystemExit, match="stage2_steps: 3 there, 9 now"):
+        ablation.claim_workdir(str(legacy), dict(s, stage2_steps=9))
+    ablation.claim_workdir(str(legacy), s)
+    assert json.loads((legacy / "settings.json").read_text()) == s
 
 
 def test_ablation_verdict_respects_the_direction_of_each_metric():
@@ -110,6 +128,21 @@ def test_ablation_verdict_respects_the_direction_of_each_metric():
     assert "at least as good" in verdict["- depth δ1 ↑"]
     assert "beaten by mae (0.200)" in verdict["- depth AbsRel ↓"]
     assert "scratch" in verdict["- segmentation mIoU ↑"] and "beaten" in verdict["- segmentation mIoU ↑"]
+    assert "stage 2" not in verdict["- depth δ1 ↑"]  # no stage-1 diagnostic was run
+
+    # The stage-1 diagnostic has less compute: it is not a rival in the claim, only M3's starting point.
+    results[0]["m3_stage1"] = metrics(0.7, 0.28, 0.05)
+    verdict = dict(line.split(":", 1) for line in ablation.claim(results, [0]).splitlines())
+    assert "at least as good" in verdict["- depth δ1 ↑"] and "m3_stage1" not in verdict["- depth δ1 ↑"]
+    assert verdict["- depth δ1 ↑"].endswith("from 0.700 (stage 1 alone) to 0.600: no better")
+    assert verdict["- depth AbsRel ↓"].endswith("from 0.280 (stage 1 alone) to 0.250: better")
+    assert verdict["- segmentation mIoU ↑"].endswith("to 0.100: better")
+
+    # M3 alone (with its diagnostic) has no rival: the verdict must not call it the winner.
+    alone = {0: {n: results[0][n] for n in ("m3", "m3_stage1")}}
+    verdict = dict(line.split(":", 1) for line in ablation.claim(alone, [0]).splitlines())
+    assert "no other objective at equal compute was run" in verdict["- depth δ1 ↑"]
+    assert "at least as good" not in verdict["- depth δ1 ↑"]
 
 
 @needs_torch
@@ -177,13 +210,20 @@ def test_profile_step_splits_the_step_into_its_parts():
 
 def test_ablation_runs_end_to_end_on_a_tiny_model(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "ablation.py"), "--workdir", str(tmp_path),
-                          "--smoke", "--seeds", "0", "--objectives", "scratch", "m3"],
+                          "--smoke", "--seeds", "0", "--objectives", "scratch", "m3", "--diagnose-stage1",
+                          "--m3-stage2-lr", "2e-4"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    for name in ("scratch", "m3"):
+    for name in ("scratch", "m3", "m3_stage1"):
         for task, key in (("depth", "delta1"), ("segmentation", "miou")):
             assert 0.0 <= results["results"]["0"][name][task][key] <= 1.0
     assert results["plan"]["m3"] == [[1, "m3", 3], [2, "m3", 3]]
+    # The diagnostic fine-tunes the stage-1 run that M3's stage 2 started from; it trains nothing itself.
+    assert sorted(os.listdir(tmp_path / "seed0" / "pretrain")) == ["m3", "m3_stage1"]
+    learning_rate = {name: json.loads((tmp_path / "seed0" / "pretrain" / name / "config.json").read_text())["optim"]["lr"]
+                     for name in ("m3_stage1", "m3")}
+    assert learning_rate == {"m3_stage1": 5e-4, "m3": 2e-4}  # --m3-stage2-lr reaches M3's stage 2 alone
     report = (tmp_path / "results.md").read_text()
     assert "| m3 | 3 + 3 |" in report and "| scratch | 0 |" in report and "The claim" in report
+    assert "| m3_stage1 (diagnostic) | 3 |" in report and "(stage 1 alone) to" in report

@@ -1,7 +1,7 @@
 """The paper's ablation at small scale: every pre-training objective at equal compute, then RGB-only
 fine-tuning for depth and for segmentation on a small labelled split of procedural rooms.
 
-    python benchmarks/ablation.py --workdir /tmp/m3_ablation             # 2 seeds, about 58 min on 2 cores
+    python benchmarks/ablation.py --workdir /tmp/m3_ablation             # 2 seeds, about 60 min on 2 cores
     python benchmarks/ablation.py --workdir /tmp/m3_ablation_smoke --smoke   # minutes; used by the tests
 
 Model: ViT-Ti/16 at 64 px (4x4 patches), the same decoder for every stage-2 objective. Data: 2,000

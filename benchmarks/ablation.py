@@ -55,16 +55,20 @@ def settings(smoke: bool) -> dict:
                 m3_stage2_lr=5e-4)
 
 
+# Settings added with settings.json, at the values every run before them used.
+_BEFORE_SETTINGS_JSON = dict(pretrain_lr=5e-4, m3_stage2_lr=5e-4)
+
+
 def claim_workdir(workdir: str, s: dict) -> None:
     """Runs in a work directory are re-used by name, so one directory holds one set of settings."""
     path = os.path.join(workdir, "settings.json")
     earlier = None
-    for name in ("settings.json", "results.json"):  # results.json: directories from before settings.json
-        if os.path.exists(os.path.join(workdir, name)):
-            with open(os.path.join(workdir, name), encoding="utf-8") as f:
-                record = json.load(f)
-            earlier = record if name == "settings.json" else record["settings"]
-            break
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+    elif os.path.exists(os.path.join(workdir, "results.json")):  # made before settings.json existed
+        with open(os.path.join(workdir, "results.json"), encoding="utf-8") as f:
+            earlier = {**_BEFORE_SETTINGS_JSON, **json.load(f)["settings"]}
     if earlier is not None and earlier != s:
         changed = ", ".join(f"{k}: {earlier.get(k)!r} there, {s.get(k)!r} now" for k in sorted(set(s) | set(earlier))
                             if earlier.get(k) != s.get(k))

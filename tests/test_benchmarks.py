@@ -105,10 +105,14 @@ def test_ablation_workdir_refuses_runs_made_with_other_settings(tmp_path):
     ablation.claim_workdir(str(tmp_path), dict(s))  # the same settings again: its runs are re-used
     with pytest.raises(SystemExit, match=r"stage1_steps: 3 there, 7 now.*give a new --workdir"):
         ablation.claim_workdir(str(tmp_path), dict(s, stage1_steps=7))
-    # A directory from before settings.json existed: its results.json holds the settings.
+    # A directory from before settings.json existed: its results.json holds the settings, without the
+    # learning rates, which were 5e-4 then.
     legacy = tmp_path / "legacy"
     legacy.mkdir()
-    (legacy / "results.json").write_text(json.dumps({"settings": s, "results": {}}))
+    before = {k: v for k, v in s.items() if k not in ("pretrain_lr", "m3_stage2_lr")}
+    (legacy / "results.json").write_text(json.dumps({"settings": before, "results": {}}))
+    with pytest.raises(SystemExit, match="m3_stage2_lr: 0.0005 there, 0.0001 now"):
+        ablation.claim_workdir(str(legacy), dict(s, m3_stage2_lr=1e-4))
     with pytest.raises(SystemExit, match="stage2_steps: 3 there, 9 now"):
         ablation.claim_workdir(str(legacy), dict(s, stage2_steps=9))
     ablation.claim_workdir(str(legacy), s)

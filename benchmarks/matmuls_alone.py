@@ -3,6 +3,7 @@ the step is matmul time, and how XLA's GEMMs compare with PyTorch's on exactly t
 
     python benchmarks/matmuls_alone.py                       # stage 2, ViT-B/16, 224 px, batch 8
     python benchmarks/matmuls_alone.py --stage 1 --variant S/16 --image-size 128 --no-torch
+    python benchmarks/matmuls_alone.py --host-blas      # also NumPy's BLAS, alone and from inside jit
 
 Every `dot` of the compiled step's optimised HLO (fused or not) is read with its operand shapes and
 dimension numbers. Each distinct one runs alone as the same `lax.dot_general` in XLA, and as a
@@ -11,6 +12,10 @@ layout that suits its GEMM best. It prints the two sums, and an estimate of the 
 PyTorch's matmul times in place of XLA's (step - XLA sum + PyTorch sum) against the PyTorch eager
 step: the part of the gap that is the GEMM library's. The sums are not a strict floor: in the step,
 independent matmuls may run side by side, which small ones use better than two threads each.
+
+`--host-blas` asks whether the step could borrow a faster GEMM without a compiled extension: each
+matmul also runs in NumPy (the BLAS NumPy links, OpenBLAS in its wheels), alone and as the only work
+of a jitted `jax.pure_callback`, the way a model would call it from inside the step.
 
 Convolutions (the patch embedding) are not timed; their share of the FLOPs is printed. CPU only: on
 GPUs XLA hands matmuls to cuBLAS as custom calls, which this reader does not parse.
@@ -96,7 +101,31 @@ def time_in_torch(dot: Dot, repeats: int) -> float:
     return timed(lambda: torch.bmm(lhs, rhs), repeats, 1)
 
 
-def time_step_matmuls(hlo_text: str, with_torch: bool = True, repeats: int = 3, show: int = 0) -> dict:
+def _contiguous_numpy(dot: Dot):
+    batch, m, k, n = dot.sizes()
+    rng = np.random.default_rng(0)
+    dtype = {"f32": np.float32}[dot.dtype]  # NumPy has no bfloat16 GEMM
+    return rng.standard_normal((batch, m, k), dtype), rng.standard_normal((batch, k, n), dtype)
+
+
+def time_in_numpy(dot: Dot, repeats: int) -> float:
+    from train_speed import timed
+    lhs, rhs = _contiguous_numpy(dot)
+    return timed(lambda: np.matmul(lhs, rhs), repeats, 1)
+
+
+def time_through_callback(dot: Dot, repeats: int) -> float:
+    """NumPy's matmul called from a jitted function, as a model would call it (forward only)."""
+    import jax
+    from train_speed import timed
+    lhs, rhs = (jax.device_put(x) for x in _contiguous_numpy(dot))
+    out = jax.ShapeDtypeStruct(lhs.shape[:2] + rhs.shape[2:], lhs.dtype)
+    run = jax.jit(lambda a, b: jax.pure_callback(np.matmul, out, a, b))
+    return timed(lambda: run(lhs, rhs).block_until_ready(), repeats, 1)
+
+
+def time_step_matmuls(hlo_text: str, with_torch: bool = True, repeats: int = 3, show: int = 0,
+                      host_blas: bool = False) -> dict:
     """Seconds of the step's matmuls run one by one in XLA (and PyTorch), with the FLOPs they cover."""
     dots, conv_flops = step_matmuls(hlo_text)
     out = collections.Counter(matmul_flops=sum(d.flops * n for d, n in dots.items()), conv_flops=conv_flops)
@@ -105,16 +134,20 @@ def time_step_matmuls(hlo_text: str, with_torch: bool = True, repeats: int = 3, 
         row = dict(dot=dot, count=count, xla=time_in_xla(dot, repeats) * count)
         if with_torch:
             row["torch"] = time_in_torch(dot, repeats) * count
-        out["xla_s"] += row["xla"]
-        out["torch_s"] += row.get("torch", 0.0)
+        if host_blas:
+            row["numpy"] = time_in_numpy(dot, repeats) * count
+            row["callback"] = time_through_callback(dot, repeats) * count
+        for name in ("xla", "torch", "numpy", "callback"):
+            out[name + "_s"] += row.get(name, 0.0)
         rows.append(row)
     rows.sort(key=lambda r: -r["xla"])
     for row in rows[:show]:
         batch, m, k, n = row["dot"].sizes()
         line = (f"    {row['count']:3d} x (batch {batch}) {m}x{k} @ {k}x{n}: XLA "
                 f"{row['dot'].flops * row['count'] / row['xla'] / 1e9:5.0f} GFLOP/s")
-        if "torch" in row:
-            line += f", PyTorch {row['dot'].flops * row['count'] / row['torch'] / 1e9:5.0f} GFLOP/s"
+        for name, label in (("torch", "PyTorch"), ("numpy", "NumPy"), ("callback", "NumPy via pure_callback")):
+            if name in row:
+                line += f", {label} {row['dot'].flops * row['count'] / row[name] / 1e9:5.0f} GFLOP/s"
         print(line, flush=True)
     return dict(out)
 
@@ -132,6 +165,10 @@ def report(c: dict, batch: int, jax_step_s: float, torch_step_s: float = 0.0) ->
             swapped = jax_step_s - c["xla_s"] + c["torch_s"]
             line += (f"; with PyTorch's matmul times the JAX step would take about {swapped:.2f} s = "
                      f"{torch_step_s / swapped:.2f}x the PyTorch eager step")
+    if c.get("numpy_s"):
+        line += (f"\n  through NumPy's BLAS: {c['numpy_s']:.2f} s alone ({rate(c['numpy_s'])}), "
+                 f"{c['callback_s']:.2f} s as jax.pure_callback from jit ({rate(c['callback_s'])}, "
+                 f"{c['xla_s'] / c['callback_s']:.2f}x XLA's speed)")
     return line
 
 
@@ -140,6 +177,8 @@ def main():
     parser = one_case_parser(__doc__)
     parser.add_argument("--show", type=int, default=8, help="the matmuls listed, largest XLA time first")
     parser.add_argument("--no-torch", action="store_true", help="skip PyTorch (its matmuls and its step)")
+    parser.add_argument("--host-blas", action="store_true",
+                        help="also time each matmul in NumPy's BLAS, alone and through jax.pure_callback")
     args = parser.parse_args()
 
     from train_speed import jax_step, timed, torch_step
@@ -150,7 +189,8 @@ def main():
         torch_s = timed(torch_step(args.stage, args.variant, args.image_size, args.batch, "cpu", False, False), 3, 1)
     print(f"stage {args.stage} {args.variant} at {args.image_size} px, batch {args.batch}: JAX step {jax_s:.2f} s"
           + (f", PyTorch eager step {torch_s:.2f} s" if torch_s else ""), flush=True)
-    c = time_step_matmuls(compiled.as_text(), with_torch=not args.no_torch, show=args.show)
+    c = time_step_matmuls(compiled.as_text(), with_torch=not args.no_torch, show=args.show,
+                          host_blas=args.host_blas)
     print(report(c, args.batch, jax_s, torch_s), flush=True)
 
 

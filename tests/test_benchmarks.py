@@ -63,12 +63,15 @@ def test_matmuls_alone_reads_every_matmul_of_a_compiled_step():
 @needs_torch
 def test_matmuls_alone_prints_its_figures_on_a_tiny_model():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "matmuls_alone.py"), "--variant", "64x2x2/16",
-                          "--image-size", "64", "--batch", "2", "--show", "3"],
+                          "--image-size", "64", "--batch", "2", "--show", "3", "--host-blas"],
                          capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
     assert out.returncode == 0, out.stderr[-3000:]
     listed = [line for line in out.stdout.splitlines() if " @ " in line and "GFLOP/s" in line]
-    assert len(listed) == 3 and all("XLA" in line and "PyTorch" in line for line in listed), out.stdout
-    assert "x the PyTorch eager step" in out.stdout.splitlines()[-1], out.stdout
+    assert len(listed) == 3 and all("XLA" in line and "PyTorch" in line and "NumPy via pure_callback" in line
+                                    for line in listed), out.stdout
+    *_, swapped, host_blas = out.stdout.splitlines()
+    assert "x the PyTorch eager step" in swapped, out.stdout
+    assert host_blas.startswith("  through NumPy's BLAS: ") and "x XLA's speed" in host_blas, out.stdout
 
 
 def test_step_flops_scale_with_the_batch_and_follow_the_work():

@@ -40,6 +40,7 @@ class Dot:
     lhs_contract: tuple
     rhs_batch: tuple
     rhs_contract: tuple
+    out_dtype: str = ""  # the result's type where it differs from the operands' (bf16 x bf16 -> f32)
 
     def sizes(self) -> tuple:
         """(batch, M, K, N): the products of the batch, lhs-free, contracting and rhs-free dimensions."""
@@ -55,7 +56,7 @@ class Dot:
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (\w+)\[([\d,]*)\]", re.M)
-_OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = \w+\[([\d,]*)\]\S* (dot|convolution)"
+_OP = re.compile(r"^\s*(?:ROOT )?%[\w.\-]+ = (\w+)\[([\d,]*)\]\S* (dot|convolution)"
                  r"\(%([\w.\-]+), %([\w.\-]+)\)(.*)$", re.M)
 
 
@@ -65,7 +66,7 @@ def step_matmuls(hlo_text: str):
               for m in _INSTRUCTION.finditer(hlo_text)}
     dots, conv_flops = collections.Counter(), 0
     for m in _OP.finditer(hlo_text):
-        out_shape, op, lhs, rhs, attrs = m.groups()
+        out_dtype, out_shape, op, lhs, rhs, attrs = m.groups()
         (dtype, lhs_shape), (_, rhs_shape) = shapes[lhs], shapes[rhs]
         if op == "convolution":  # 2 x outputs x (kernel elements per output feature); no feature groups here
             labels = re.search(r"dim_labels=\w+_(\w+)->", attrs).group(1)
@@ -74,7 +75,8 @@ def step_matmuls(hlo_text: str):
             continue
         dims = {k: tuple(int(d) for d in v.split(",") if d) for k, v in re.findall(r"(\w+)_dims=\{([\d,]*)\}", attrs)}
         dots[Dot(dtype, lhs_shape, rhs_shape, dims.get("lhs_batch", ()), dims.get("lhs_contracting", ()),
-                 dims.get("rhs_batch", ()), dims.get("rhs_contracting", ()))] += 1
+                 dims.get("rhs_batch", ()), dims.get("rhs_contracting", ()),
+                 "" if out_dtype == dtype else out_dtype)] += 1
     return dots, conv_flops
 
 
@@ -99,10 +101,11 @@ def time_in_xla(dot: Dot, repeats: int) -> float:
     import jax
     import jax.numpy as jnp
     keys = jax.random.split(jax.random.key(0))
-    lhs, rhs = (jax.random.normal(k, s, jnp.dtype({"f32": "float32", "bf16": "bfloat16"}[dot.dtype]))
-                for k, s in zip(keys, (dot.lhs, dot.rhs)))
+    types = {"f32": jnp.float32, "bf16": jnp.bfloat16}
+    lhs, rhs = (jax.random.normal(k, s, types[dot.dtype]) for k, s in zip(keys, (dot.lhs, dot.rhs)))
     numbers = ((dot.lhs_contract, dot.rhs_contract), (dot.lhs_batch, dot.rhs_batch))
-    run = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers))
+    out_type = types[dot.out_dtype] if dot.out_dtype else None
+    run = jax.jit(lambda a, b: jax.lax.dot_general(a, b, numbers, preferred_element_type=out_type))
     return best_seconds(lambda: run(lhs, rhs).block_until_ready(), repeats)
 
 
@@ -196,11 +199,13 @@ def main():
     args = parser.parse_args()
 
     from train_speed import jax_step, timed, torch_step
-    run, _, compiled = jax_step(args.stage, args.variant, args.image_size, args.batch, "float32", with_compiled=True)
+    run, _, compiled = jax_step(args.stage, args.variant, args.image_size, args.batch, "float32", with_compiled=True,
+                                matmul_precision="bfloat16" if args.bf16_matmuls else "default")
     jax_s = timed(run, 3, 1)
     torch_s = 0.0
     if not args.no_torch and args.stage == 2:
-        torch_s = timed(torch_step(args.stage, args.variant, args.image_size, args.batch, "cpu", False, False), 3, 1)
+        torch_s = timed(torch_step(args.stage, args.variant, args.image_size, args.batch, "cpu", False,
+                                   args.bf16_matmuls), 3, 1)
     print(f"stage {args.stage} {args.variant} at {args.image_size} px, batch {args.batch}: JAX step {jax_s:.2f} s"
           + (f", PyTorch eager step {torch_s:.2f} s" if torch_s else ""), flush=True)
     c = time_step_matmuls(compiled.as_text(), with_torch=not args.no_torch, show=args.show,

@@ -46,7 +46,8 @@ def main():
     import jax
     from train_speed import jax_step, timed
 
-    run, _, compiled = jax_step(args.stage, args.variant, args.image_size, args.batch, args.dtype, with_compiled=True)
+    run, _, compiled = jax_step(args.stage, args.variant, args.image_size, args.batch, args.dtype, with_compiled=True,
+                                matmul_precision="bfloat16" if args.bf16_matmuls else "default")
     wall = timed(run, 2, 1)
     instructions = {m.group(1): m.group(2) for m in
                     re.finditer(r"^\s*%?([\w.\-]+) = .*?op_name=\"([^\"]*)\"", compiled.as_text(), re.M)}
@@ -67,7 +68,8 @@ def main():
     if not total:
         raise SystemExit("no kernel of the trace carries the name of an HLO instruction (GPU kernels carry their "
                          "CUDA names); keep the trace with --trace-dir and open it in Perfetto instead")
-    print(f"stage {args.stage} {args.variant} at {args.image_size} px, batch {args.batch}, {args.dtype}: "
+    print(f"stage {args.stage} {args.variant} at {args.image_size} px, batch {args.batch}, {args.dtype}"
+          f"{', bf16 matmuls' if args.bf16_matmuls else ''}: "
           f"step {wall:.2f} s wall, kernels {total:.2f} s summed over threads")
     for part, seconds in by_part.most_common():
         print(f"  {part:32s} {seconds:6.2f} s  {seconds / total:4.0%}")

@@ -5,6 +5,7 @@
     python benchmarks/train_speed.py --gpu                # GPU, bfloat16: ViT-B/16 stage 2, batch 256,
                                                           # then the largest batch that fits
     python benchmarks/train_speed.py --gpu --largest-batch-only --no-torch --batch 512   # only the search
+    python benchmarks/train_speed.py --bf16-matmuls --cases s2-B16-224 s2-S16-128   # CPU, bfloat16 matmuls
 
 For every case (stage, ViT, image size) it compiles the trainer's own step (mmcmae_jax.train.trainer:
 forward, backward, clipping, AdamW, non-finite guard, on a mesh) with the paper-scale model config, and
@@ -20,6 +21,11 @@ convolution FLOPs only (PyTorch's FlopCounterMode on the reference, within 1-5 %
 everything on CPU) against the better measured matmul peak; on a GPU it is the model-FLOP utilisation
 against the dense bf16 peak of the spec sheet. `--variant 64x2x2/16` swaps in a tiny ViT for a quick
 check of the script itself.
+
+`--bf16-matmuls` runs both sides with bfloat16 matmuls: the trainer's step with
+model.matmul_precision = "bfloat16" (float32 activations, bf16 operands, float32 sums; models/matmul.py),
+PyTorch under torch.autocast(bfloat16), and the matmul peak as bf16 matmuls. On CPUs with AMX (the
+script says whether this one has it) that is where both run fastest.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ def one_case_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--variant", default="B/16")
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--bf16-matmuls", action="store_true",
+                        help="model.matmul_precision='bfloat16' (and PyTorch under bf16 autocast)")
     return parser
 
 
@@ -55,12 +63,13 @@ def timed(step, steps: int, warmup: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def matmul_peak(size: int, dtype: str, repeats: int = 5) -> dict:
-    """FLOP/s of a square matmul in JAX and (if installed) PyTorch; the machine's practical peak."""
+def matmul_peak(size: int, dtype: str, repeats: int = 5, float32_sums: bool = False) -> dict:
+    """FLOP/s of a square matmul in JAX and (if installed) PyTorch; the machine's practical peak.
+    float32_sums: JAX's matmul returns float32 (bf16 operands: what XLA's CPU backend runs on AMX)."""
     import jax
     import jax.numpy as jnp
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.dtype(dtype))
-    f = jax.jit(lambda x, y: x @ y)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32 if float32_sums else None))
     out = {"jax": 2 * size ** 3 / timed(lambda: f(a, a).block_until_ready(), repeats, 2)}
     try:
         from mmcmae_jax.port.timm_import import import_timm
@@ -78,7 +87,8 @@ def matmul_peak(size: int, dtype: str, repeats: int = 5) -> dict:
     return out
 
 
-def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str, with_compiled: bool = False):
+def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str, with_compiled: bool = False,
+             matmul_precision: str = "default"):
     """(run one step, XLA FLOPs per step[, the compiled step]): the trainer's compiled step on random data."""
     import jax
     import jax.numpy as jnp
@@ -89,7 +99,7 @@ def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str, 
     from mmcmae_jax.train.trainer import make_train_step, make_trainer_optimizer
 
     config = training_config(stage)
-    config.model.update(variant=variant, image_size=image_size, dtype=dtype)
+    config.model.update(variant=variant, image_size=image_size, dtype=dtype, matmul_precision=matmul_precision)
     config.batch_size = batch
     objective = make_objective(config)
     mesh = sharding.make_mesh(1)
@@ -141,6 +151,15 @@ def torch_step(stage: int, variant: str, image_size: int, batch: int, device: st
     return run
 
 
+def cpu_has_amx() -> bool:
+    """Whether the CPU lists the AMX bfloat16 instructions (Linux; False where /proc/cpuinfo is absent)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
 def fmt(flops_per_s: float) -> str:
     return f"{flops_per_s / 1e12:.2f} TFLOP/s" if flops_per_s >= 1e12 else f"{flops_per_s / 1e9:.1f} GFLOP/s"
 
@@ -189,6 +208,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--gpu", action="store_true", help="bfloat16 on the GPU: ViT-B/16 stage 2, largest batch")
     parser.add_argument("--cases", nargs="+", default=None, choices=sorted(CASES))
+    parser.add_argument("--bf16-matmuls", action="store_true", help="bfloat16 matmuls on both sides: "
+                        "model.matmul_precision='bfloat16', PyTorch under bf16 autocast, a bf16 matmul peak")
     parser.add_argument("--batch", type=int, default=None, help="default 8 on CPU, 256 on GPU")
     parser.add_argument("--steps", type=int, default=None, help="timed steps per measurement (3 CPU, 20 GPU)")
     parser.add_argument("--variant", default="", help="replace every case's ViT (e.g. 64x2x2/16 for a quick check)")
@@ -212,12 +233,17 @@ def main():
     batch = args.batch or (256 if gpu else 8)
     steps = args.steps or (20 if gpu else 3)
     dtype = "bfloat16" if gpu else "float32"
+    precision = "bfloat16" if args.bf16_matmuls else "default"
+    torch_bf16 = gpu or args.bf16_matmuls
     device = "cuda" if gpu else "cpu"
     import os
-    print(f"backend {backend}: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {dtype}, batch {batch}, "
-          f"{steps} timed steps", flush=True)
+    print(f"backend {backend}: {jax.devices()[0].device_kind}, {os.cpu_count()} CPUs; {dtype}, matmul precision "
+          f"{precision}, batch {batch}, {steps} timed steps", flush=True)
+    if not gpu and args.bf16_matmuls:
+        print(f"  this CPU {'has' if cpu_has_amx() else 'has no'} AMX for bfloat16 matmuls", flush=True)
 
-    peaks = matmul_peak(8192 if gpu else 2048, dtype)
+    peaks = matmul_peak(8192 if gpu else 2048, "bfloat16" if torch_bf16 else dtype,
+                        float32_sums=args.bf16_matmuls and not gpu)
     peak = max(peaks.values())
     print("matmul peak: " + ", ".join(f"{k} {fmt(v)}" for k, v in peaks.items()), flush=True)
     if gpu:
@@ -240,7 +266,8 @@ def main():
     for name in ([] if args.largest_batch_only else cases):
         stage, variant, size = CASES[name]
         variant = args.variant or variant
-        run, xla_flops, compiled = jax_step(stage, variant, size, batch, dtype, with_compiled=True)
+        run, xla_flops, compiled = jax_step(stage, variant, size, batch, dtype, with_compiled=True,
+                                            matmul_precision=precision)
         seconds = timed(run, steps, 2)
         row = dict(case=name, jax_img_s=batch / seconds, xla_flops=xla_flops / seconds)
         if not gpu and not args.no_matmuls_alone:
@@ -252,10 +279,11 @@ def main():
             row["matmul_flops"] = ref.matmul_flops(stage, variant, size, batch) / seconds
             if stage == 2:
                 print("  PyTorch eager ...", flush=True)
-                row["torch_eager"] = batch / timed(torch_step(stage, variant, size, batch, device, False, gpu), steps, 2)
+                row["torch_eager"] = batch / timed(torch_step(stage, variant, size, batch, device, False, torch_bf16),
+                                                  steps, 2)
                 if not args.no_compile:
                     print("  torch.compile ...", flush=True)
-                    row["torch_compile"] = batch / timed(torch_step(stage, variant, size, batch, device, True, gpu),
+                    row["torch_compile"] = batch / timed(torch_step(stage, variant, size, batch, device, True, torch_bf16),
                                                          steps, 3)
         rows.append(row)
         line = (f"{name}: JAX {row['jax_img_s']:.2f} img/s, XLA-counted {fmt(row['xla_flops'])} "

@@ -18,6 +18,9 @@ def model_config() -> ml_collections.ConfigDict:
         pos_embed="sincos",      # fixed 2-D sin-cos (MAE, MultiMAE), or "learned"
         use_cls_token=True,
         dtype="float32",         # compute dtype; "bfloat16" keeps float32 parameters and losses
+        # "bfloat16": every matmul of the model rounds its operands to bfloat16 and sums in float32, on
+        # every backend (models/matmul.py); about 2x faster training on CPUs with AMX (docs/results.md).
+        matmul_precision="default",
         proj_hidden=2048,        # stage-1 projection head: 2-layer MLP
         proj_dim=256,
         decoder_depth=4,         # stage-2 decoder (MultiMAE-light)
@@ -83,6 +86,7 @@ def _check(condition: bool, field: str, message: str):
 
 
 def validate_model(model: ml_collections.ConfigDict):
+    from mmcmae_jax.models.matmul import PRECISIONS
     from mmcmae_jax.models.vit import parse_variant
     try:
         spec = parse_variant(model.variant)
@@ -92,6 +96,8 @@ def validate_model(model: ml_collections.ConfigDict):
            f"{model.image_size} must be a positive multiple of the patch size {spec.patch_size}")
     _check(model.pos_embed in ("sincos", "learned"), "model.pos_embed", f"{model.pos_embed!r} is not 'sincos' or 'learned'")
     _check(model.dtype in ("float32", "bfloat16"), "model.dtype", f"{model.dtype!r} is not 'float32' or 'bfloat16'")
+    _check(model.matmul_precision in PRECISIONS, "model.matmul_precision",
+           f"{model.matmul_precision!r} is not one of {PRECISIONS}")
     _check(model.decoder_width % model.decoder_heads == 0, "model.decoder_width",
            f"{model.decoder_width} is not divisible by decoder_heads={model.decoder_heads}")
     _check(model.decoder_width % 4 == 0, "model.decoder_width", "must be divisible by 4 (sin-cos positions)")

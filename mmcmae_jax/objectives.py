@@ -19,6 +19,7 @@ import ml_collections
 
 from mmcmae_jax import losses
 from mmcmae_jax.config import validate
+from mmcmae_jax.models import matmul
 from mmcmae_jax.models.m3 import CrossModalContrastive, MultiModalMAE, max_pool_tokens
 from mmcmae_jax.models.masking import multimodal_masks, random_mask
 from mmcmae_jax.models.vit import ViTEncoder, drop_cls, parse_variant, patchify
@@ -48,9 +49,14 @@ def sample_sigma(rng: jax.Array, batch: int, obj: ml_collections.ConfigDict) -> 
 
 def make_objective(config: ml_collections.ConfigDict) -> Objective:
     validate(config)
-    if config.objective.stage == 1:
-        return _stage1(config.model, config.objective)
-    return _stage2(config.model, config.objective)
+    objective = (_stage1 if config.objective.stage == 1 else _stage2)(config.model, config.objective)
+    return with_matmul_precision(objective, config.model.matmul_precision)
+
+
+def with_matmul_precision(objective: Objective, precision: str) -> Objective:
+    """The objective with init, loss and forward traced under `precision` (models/matmul.py)."""
+    return objective._replace(**{name: matmul.under_precision(getattr(objective, name), precision)
+                                 for name in ("init", "loss", "forward")})
 
 
 def _stage1(model_cfg, obj) -> Objective:

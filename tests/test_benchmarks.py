@@ -60,6 +60,30 @@ def test_matmuls_alone_reads_every_matmul_of_a_compiled_step():
     assert ceiling["matmul_flops"] == 2 * (2 * 24 * 40 * 56 + 6 * 10 * 8 * 12) and ceiling["xla_s"] > 0
 
 
+def test_matmuls_alone_keeps_a_bfloat16_dots_float32_result():
+    """Under model.matmul_precision="bfloat16" the step's dots are bf16 x bf16 -> f32, the form XLA's CPU
+    backend runs on AMX; the reader keeps the result type, so the matmul timed alone is that same form."""
+    import matmuls_alone
+    a, b = jax.ShapeDtypeStruct((24, 40), jnp.bfloat16), jax.ShapeDtypeStruct((40, 56), jnp.bfloat16)
+    hlo = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)).lower(a, b).compile().as_text()
+    (dot, count), = matmuls_alone.step_matmuls(hlo)[0].items()
+    assert (dot.dtype, dot.out_dtype, dot.sizes(), count) == ("bf16", "f32", (1, 24, 40, 56), 1)
+    assert matmuls_alone.time_in_xla(dot, 1) > 0
+
+
+@needs_torch
+def test_train_speed_with_bfloat16_matmuls_on_a_tiny_model():
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "train_speed.py"), "--cases", "s2-S16-128",
+                          "--variant", "64x2x2/16", "--batch", "2", "--steps", "1", "--no-compile", "--no-input",
+                          "--bf16-matmuls"], capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.splitlines()
+    assert "matmul precision bfloat16" in lines[0] and "AMX for bfloat16 matmuls" in lines[1], out.stdout
+    stage2 = next(line for line in lines if line.startswith("s2-S16-128:"))
+    assert "JAX/eager" in stage2 and "matmul util" in stage2, stage2
+    assert "x the PyTorch eager step" in lines[lines.index(stage2) + 1], out.stdout
+
+
 @needs_torch
 def test_matmuls_alone_prints_its_figures_on_a_tiny_model():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "matmuls_alone.py"), "--variant", "64x2x2/16",

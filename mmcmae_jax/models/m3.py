@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from mmcmae_jax.models.masking import Mask, gather_tokens
+from mmcmae_jax.models.matmul import Dense
 from mmcmae_jax.models.vit import Transformer, ViTEncoder, drop_cls, parse_variant, sincos_pos_embed_2d
 
 CHANNELS = {"rgb": 3, "depth": 1}
@@ -49,8 +50,8 @@ class ProjectionHead(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), approximate=False)
-        x = nn.Dense(self.out, dtype=self.dtype, name="fc2")(x).astype(jnp.float32)
+        x = nn.gelu(Dense(self.hidden, dtype=self.dtype, name="fc1")(x), approximate=False)
+        x = Dense(self.out, dtype=self.dtype, name="fc2")(x).astype(jnp.float32)
         return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
 
 
@@ -82,8 +83,8 @@ class SigmaEmbedding(nn.Module):
         freqs = jnp.exp(-math.log(10000.0) * jnp.arange(self.num_frequencies) / self.num_frequencies)
         angles = 1000.0 * sigma.astype(jnp.float32)[:, None] * freqs[None, :]
         features = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
-        x = nn.silu(nn.Dense(self.width, dtype=self.dtype, name="fc1")(features))
-        return nn.Dense(self.width, dtype=self.dtype, name="fc2")(x)
+        x = nn.silu(Dense(self.width, dtype=self.dtype, name="fc1")(features))
+        return Dense(self.width, dtype=self.dtype, name="fc2")(x)
 
 
 def max_pool_tokens(tokens: jax.Array, valid: Optional[jax.Array] = None) -> jax.Array:
@@ -134,7 +135,7 @@ class MultiModalMAE(EncoderFields):
                         raise ValueError("the model embeds the depth noise level: pass sigma")
                     tokens = tokens + SigmaEmbedding(tokens.shape[-1], dtype=self.dtype,
                                                      name="sigma_embed")(sigma)[:, None, :].astype(tokens.dtype)
-                visible = nn.Dense(self.decoder_width, dtype=self.dtype, name=f"{m}_decoder_embed")(tokens)
+                visible = Dense(self.decoder_width, dtype=self.dtype, name=f"{m}_decoder_embed")(tokens)
             if m in encoders and m not in self.targets:  # context only: its visible tokens
                 seq = visible + gather_tokens(jnp.broadcast_to(pos, (batch,) + pos.shape[1:]), masks[m].keep_idx)
                 valid = masks[m].keep_valid
@@ -156,6 +157,6 @@ class MultiModalMAE(EncoderFields):
         x, _ = Transformer(self.decoder_depth, self.decoder_heads, dtype=self.dtype, name="decoder")(
             jnp.concatenate(sequences, axis=1), jnp.concatenate(key_valid, axis=1))
         x = nn.LayerNorm(1e-6, dtype=self.dtype, name="decoder_norm")(x)
-        pred = {t: nn.Dense(patch * patch * CHANNELS[t], dtype=self.dtype, name=f"{t}_head")(
+        pred = {t: Dense(patch * patch * CHANNELS[t], dtype=self.dtype, name=f"{t}_head")(
             x[:, spans[t][0]:spans[t][1]]).astype(jnp.float32) for t in self.targets}
         return {"pred": pred, "pooled": pooled}

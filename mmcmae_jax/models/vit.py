@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from einops import rearrange
 
+from mmcmae_jax.models import matmul
 from mmcmae_jax.models.masking import gather_tokens
+from mmcmae_jax.models.matmul import Dense
 
 # name: (width, depth, heads). mlp_ratio is 4 for all.
 VIT_SIZES = {
@@ -121,12 +123,12 @@ def dot_product_attention(q, k, v, key_mask: Optional[jax.Array] = None) -> jax.
     A query whose keys are all masked averages all values, as a softmax over equal logits does.
     """
     scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
+    logits = matmul.einsum("bhqd,bhkd->bhqk", q * scale, k, preferred_element_type=jnp.float32)
     if key_mask is not None:
         logits = logits + jnp.where(key_mask, 0.0, -1e30).astype(jnp.float32)[:, None, None, :]
     # Subtracting the row maximum keeps exp in range; it is a constant shift, so no gradient flows through it.
     unnormalised = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-    out = jnp.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = matmul.einsum("bhqk,bhkd->bhqd", unnormalised.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / jnp.sum(unnormalised, axis=-1, keepdims=True)).astype(v.dtype)
 
 
@@ -137,11 +139,11 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x, key_mask: Optional[jax.Array] = None):
         width = x.shape[-1]
-        qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
+        qkv = Dense(3 * width, dtype=self.dtype, name="qkv")(x)
         # timm's fused qkv: output channels ordered (q|k|v, head, head_dim).
         q, k, v = rearrange(qkv, "b n (three h d) -> three b h n d", three=3, h=self.num_heads)
         out = dot_product_attention(q, k, v, key_mask)
-        return nn.Dense(width, dtype=self.dtype, name="proj")(rearrange(out, "b h n d -> b n (h d)"))
+        return Dense(width, dtype=self.dtype, name="proj")(rearrange(out, "b h n d -> b n (h d)"))
 
 
 class Mlp(nn.Module):
@@ -151,9 +153,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         width = x.shape[-1]
-        x = nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
+        x = Dense(self.hidden, dtype=self.dtype, name="fc1")(x)
         x = nn.gelu(x, approximate=False)  # timm and MAE use the exact GELU
-        return nn.Dense(width, dtype=self.dtype, name="fc2")(x)
+        return Dense(width, dtype=self.dtype, name="fc2")(x)
 
 
 class Block(nn.Module):

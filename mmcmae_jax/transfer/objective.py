@@ -15,7 +15,8 @@ import numpy as np
 
 from mmcmae_jax.config import ConfigError
 from mmcmae_jax.models.vit import parse_variant
-from mmcmae_jax.objectives import Objective
+from mmcmae_jax.models import matmul
+from mmcmae_jax.objectives import Objective, with_matmul_precision
 from mmcmae_jax.transfer import losses
 from mmcmae_jax.transfer.heads import DenseModel
 
@@ -105,14 +106,16 @@ def make_transfer_objective(config: ml_collections.ConfigDict) -> Objective:
         del rng
         return {"pred": model.apply({"params": params}, batch["rgb"])}
 
-    return Objective(model, init, loss_fn, forward, None, batch_keys(config.task))
+    return with_matmul_precision(Objective(model, init, loss_fn, forward, None, batch_keys(config.task)),
+                                 config.model.matmul_precision)
 
 
 def predict_fn(config: ml_collections.ConfigDict):
     """(full params, rgb) -> depth (B,H,W,1) metres or class logits (B,H,W,C); full params include
     the encoder even when it was frozen in training."""
     model = make_model(config)
-    return lambda params, rgb: model.apply({"params": params}, rgb)
+    return matmul.under_precision(lambda params, rgb: model.apply({"params": params}, rgb),
+                                  config.model.matmul_precision)
 
 
 def encoder_template(config: ml_collections.ConfigDict):

@@ -7,8 +7,8 @@ but it runs a bfloat16 x bfloat16 -> float32 dot on the AMX units of recent Inte
 YNNPACK), about 4x faster than a float32 dot; a bfloat16 -> bfloat16 dot it runs without AMX, no faster
 than float32 (docs/results.md, "bfloat16 matmuls on the CPU"). So the model writes that dot itself.
 
-Only the operands are rounded: activations, norms, softmax and losses keep the model's dtype. With
-`model.dtype = "float32"` the result of each matmul is float32, so nothing but the operands is rounded.
+Only the operands are rounded (in the backward pass, the incoming gradient too): activations, norms,
+softmax and losses keep the model's dtype. With `model.dtype = "float32"` each matmul returns float32.
 
     with jax.default_matmul_precision("bfloat16"):
         y = matmul.einsum("mk,kn->mn", x, w)       # bf16 operands, float32 sums, x's dtype out

@@ -19,7 +19,7 @@ def model_config() -> ml_collections.ConfigDict:
         use_cls_token=True,
         dtype="float32",         # compute dtype; "bfloat16" keeps float32 parameters and losses
         # "bfloat16": every matmul of the model rounds its operands to bfloat16 and sums in float32, on
-        # every backend (models/matmul.py); about 2x faster training on CPUs with AMX (docs/results.md).
+        # every backend (models/matmul.py); 1.3-2x faster training on a CPU with AMX (docs/results.md).
         matmul_precision="default",
         proj_hidden=2048,        # stage-1 projection head: 2-layer MLP
         proj_dim=256,

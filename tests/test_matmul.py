@@ -12,8 +12,8 @@ from mmcmae_jax.config import ConfigError
 from mmcmae_jax.models import matmul
 from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.transfer import objective as transfer_objective
-from tests.test_objectives import tiny_batch, tiny_config
-from tests.test_transfer_model import tiny as tiny_finetune_config
+from test_objectives import tiny_batch, tiny_config  # tests/ is on sys.path while pytest collects it
+from test_transfer_model import tiny as tiny_finetune_config
 
 
 def rounded(x) -> np.ndarray:

@@ -14,8 +14,8 @@ import ml_collections
 import numpy as np
 
 from mmcmae_jax.config import ConfigError
-from mmcmae_jax.models.vit import parse_variant
 from mmcmae_jax.models import matmul
+from mmcmae_jax.models.vit import parse_variant
 from mmcmae_jax.objectives import Objective, with_matmul_precision
 from mmcmae_jax.transfer import losses
 from mmcmae_jax.transfer.heads import DenseModel

@@ -48,6 +48,10 @@ def objective_config(stage: int) -> ml_collections.ConfigDict:
         # the position shortcut"). Across frames, patches at the same position are negatives too.
         negatives="batch",
         stage1_mask_ratio=0.0,   # > 0: one mask shared by both modalities, so positives exist on both sides
+        # A patch takes part in the contrastive loss (as anchor and as negative) only when more than this
+        # share of its depth pixels was measured. 0: every patch with some depth; one with none has no
+        # depth content to be the positive of its RGB patch.
+        contrastive_min_valid_fraction=0.0,
         # Stage 2.
         inputs=MODALITIES,
         targets=("depth",),
@@ -114,6 +118,8 @@ def validate_objective(obj: ml_collections.ConfigDict):
         _check(obj.temperature > 0, "objective.temperature", f"must be positive, got {obj.temperature}")
         _check(obj.negatives in ("image", "batch"), "objective.negatives", f"{obj.negatives!r} is not 'image' or 'batch'")
         _check(0.0 <= obj.stage1_mask_ratio < 1.0, "objective.stage1_mask_ratio", f"{obj.stage1_mask_ratio} not in [0, 1)")
+        _check(0.0 <= obj.contrastive_min_valid_fraction < 1.0, "objective.contrastive_min_valid_fraction",
+               f"{obj.contrastive_min_valid_fraction} not in [0, 1)")
         return
     inputs, targets = tuple(obj.inputs), tuple(obj.targets)
     _check(len(inputs) > 0 and set(inputs) <= set(MODALITIES), "objective.inputs", f"{inputs} must be a subset of {MODALITIES}")

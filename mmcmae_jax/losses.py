@@ -9,30 +9,39 @@ import jax.numpy as jnp
 
 
 def patch_info_nce(z_rgb: jax.Array, z_depth: jax.Array, temperature: float = 0.1,
-                   negatives: str = "image") -> jax.Array:
+                   negatives: str = "image", patch_valid: jax.Array | None = None) -> jax.Array:
     """Bidirectional patch-level InfoNCE between RGB and depth patch embeddings.
 
     z_rgb, z_depth: (B, N, E), L2-normalised; patch i of one modality is the positive of patch i of the
-    other (same location), every other patch a negative.
+    other (same location), every other patch a negative. patch_valid: (B, N) or None; a patch with
+    patch_valid = 0 (no depth measured there) is neither an anchor nor a candidate, in both directions.
 
-        s_ik = z_rgb_i . z_depth_k / tau
-        L_rgb->depth = -1/N sum_i log( exp(s_ii) / sum_k exp(s_ik) )
-        L_depth->rgb = -1/N sum_k log( exp(s_kk) / sum_i exp(s_ik) )
+        s_ik = z_rgb_i . z_depth_k / tau,  i, k over the valid patches V
+        L_rgb->depth = -1/|V| sum_i log( exp(s_ii) / sum_k exp(s_ik) )
+        L_depth->rgb = -1/|V| sum_k log( exp(s_kk) / sum_i exp(s_ik) )
         L_c = (L_rgb->depth + L_depth->rgb) / 2
 
-    negatives="image": k runs over the patches of the same image (N candidates), averaged over images.
+    negatives="image": k runs over the patches of the same image, i over all anchors of the batch.
     negatives="batch": k runs over every patch of the batch (B*N candidates).
+    With no valid patch the loss is 0.
     """
     z_rgb, z_depth = z_rgb.astype(jnp.float32), z_depth.astype(jnp.float32)
+    valid = jnp.ones(z_rgb.shape[:2], bool) if patch_valid is None else patch_valid.astype(bool)
     if negatives == "batch":
         z_rgb, z_depth = z_rgb.reshape(1, -1, z_rgb.shape[-1]), z_depth.reshape(1, -1, z_depth.shape[-1])
+        valid = valid.reshape(1, -1)
     elif negatives != "image":
         raise ValueError(f"negatives must be 'image' or 'batch', got {negatives!r}")
     logits = jnp.einsum("bie,bke->bik", z_rgb, z_depth) / temperature
+    # A finite floor, not -inf: an image with no valid patch keeps a finite logsumexp (its rows are
+    # weighted 0 below), so neither the loss nor the gradient sees inf - inf.
+    logits = jnp.where(valid[:, :, None] & valid[:, None, :], logits, -1e9)
     positives = jnp.diagonal(logits, axis1=1, axis2=2)  # (B, N): s_ii
     rgb_to_depth = jax.nn.logsumexp(logits, axis=2) - positives
     depth_to_rgb = jax.nn.logsumexp(logits, axis=1) - positives
-    return 0.5 * (rgb_to_depth.mean() + depth_to_rgb.mean())
+    weight = valid.astype(jnp.float32)
+    per_patch = jnp.where(valid, 0.5 * (rgb_to_depth + depth_to_rgb), 0.0)
+    return jnp.sum(per_patch * weight) / jnp.maximum(jnp.sum(weight), 1.0)
 
 
 def masked_patch_mse(pred: jax.Array, target: jax.Array, patch_weight: jax.Array,

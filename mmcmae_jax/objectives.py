@@ -71,19 +71,30 @@ def _stage1(model_cfg, obj) -> Objective:
         num_patches = (images["rgb"].shape[1] // patch) * (images["rgb"].shape[2] // patch)
         return images, random_mask(rng, images["rgb"].shape[0], num_patches, obj.stage1_mask_ratio).keep_idx
 
+    def patch_valid(batch, keep_idx):
+        """(B, N) or (B, kept): the patches with enough measured depth to take part in the loss."""
+        valid_fraction = patchify(batch["depth_valid"], patch).mean(axis=-1)
+        if keep_idx is not None:
+            valid_fraction = jnp.take_along_axis(valid_fraction, keep_idx, axis=1)
+        return valid_fraction > obj.contrastive_min_valid_fraction
+
     def init(rng, batch):
         return model.init(rng, *inputs(batch, rng))["params"]
 
     def loss_fn(params, frozen, batch, rng):
         del frozen  # stage 1 has no teacher
-        out = model.apply({"params": params}, *inputs(batch, rng))
-        contrastive = losses.patch_info_nce(out["z_rgb"], out["z_depth"], obj.temperature, obj.negatives)
+        images, keep_idx = inputs(batch, rng)
+        out = model.apply({"params": params}, images, keep_idx)
+        valid = patch_valid(batch, keep_idx)
+        contrastive = losses.patch_info_nce(out["z_rgb"], out["z_depth"], obj.temperature, obj.negatives, valid)
         # Diagnostic, free of extra compute: the same loss against the depth of another frame. If it is
         # as low as `contrastive`, the encoders match patches by position, not by content.
         mismatched = losses.patch_info_nce(out["z_rgb"], jnp.roll(out["z_depth"], 1, axis=0), obj.temperature,
-                                           obj.negatives)
-        return obj.weights.contrastive * contrastive, {"contrastive": contrastive,
-                                                       "contrastive_other_frame": jax.lax.stop_gradient(mismatched)}
+                                           obj.negatives, jnp.roll(valid, 1, axis=0))
+        return obj.weights.contrastive * contrastive, {
+            "contrastive": contrastive, "contrastive_other_frame": jax.lax.stop_gradient(mismatched),
+            # The share of patches that take part; a data set with little depth shows it here.
+            "contrastive_valid_patches": jnp.mean(valid.astype(jnp.float32))}
 
     def forward(params, batch, rng):
         return model.apply({"params": params}, *inputs(batch, rng))

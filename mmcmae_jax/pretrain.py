@@ -86,14 +86,14 @@ def run_stage(config, workdir: str, name: str):
     objective = make_objective(config)
     iterator = make_train_iterator(config)
     images_fn = stage2_picture_fn(objective, config, workdir) if config.objective.stage == 2 else None
-    frozen, initial_params = stage1_start(config, objective)
+    frozen, initial_params = stage1_start(config, objective, name)
     print(f"[{name}] stage {config.objective.stage}, {config.model.variant} at {config.model.image_size}px, "
           f"global batch {config.batch_size}, {config.total_steps} steps -> {workdir}", flush=True)
     return train(config, workdir, iterator, objective, name=name, images_fn=images_fn, frozen=frozen,
                  initial_params=initial_params)
 
 
-def stage1_start(config, objective):
+def stage1_start(config, objective, name: str = "stage2"):
     """(frozen teachers, initial_params) of a run: encoders from ImageNet MAE weights (config.init_from_mae)
     and/or, in stage 2, from the stage-1 checkpoint in config.init_from, which also gives the teachers."""
     from mmcmae_jax.objectives import init_stage2_from_stage1, teacher_params_from_stage1
@@ -102,6 +102,11 @@ def stage1_start(config, objective):
     if stage2 and objective.teacher is not None and not config.init_from:
         raise ValueError("config.init_from: stage 2 distils the stage-1 encoders, so it needs the stage-1 "
                          "work directory (or set config.objective.weights.distill=0)")
+    if stage2 and not config.init_from and not config.init_from_mae:
+        # Right for the baselines (MAE, MultiMAE-, Mask3D-style), wrong for M3 and its ablations: say so.
+        print(f"[{name}] both encoders start from random weights: config.init_from and config.init_from_mae "
+              "are empty (M3's stage 2 and its ablations start from stage 1: --config.init_from=W/stage1)",
+              flush=True)
     stage1 = restore_params(config.init_from) if stage2 and config.init_from else None
     frozen = teacher_params_from_stage1(stage1, tuple(config.objective.inputs)) if objective.teacher else None
     if stage1 is None and not config.init_from_mae:

@@ -43,6 +43,30 @@ def test_info_nce_whole_batch_matches_numpy():
     assert rel_err(ours, expected) < 1e-5
 
 
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_info_nce_without_invalid_patches_matches_numpy(negatives):
+    """Invalid patches drop out of both directions, as anchors and as candidates; a frame with none valid
+    adds nothing, and with no valid patch at all the loss is 0."""
+    rng = np.random.default_rng(3)
+    z_rgb, z_depth = l2n(rng.normal(size=(3, 6, 8))), l2n(rng.normal(size=(3, 6, 8)))
+    valid = rng.random((3, 6)) > 0.3
+    valid[2] = False
+    ours = losses.patch_info_nce(jnp.asarray(z_rgb, jnp.float32), jnp.asarray(z_depth, jnp.float32), 0.1,
+                                 negatives, jnp.asarray(valid))
+    if negatives == "batch":
+        expected = np_info_nce(z_rgb[valid], z_depth[valid], 0.1)
+    else:  # per image, then weighted by each image's valid patches
+        expected = sum(np_info_nce(z_rgb[b][valid[b]], z_depth[b][valid[b]], 0.1) * valid[b].sum()
+                       for b in range(2)) / valid.sum()
+    assert rel_err(ours, expected) < 1e-5
+    none_valid = losses.patch_info_nce(jnp.asarray(z_rgb), jnp.asarray(z_depth), 0.1, negatives,
+                                       jnp.zeros((3, 6), bool))
+    grad = jax.grad(lambda z: losses.patch_info_nce(z, jnp.asarray(z_depth), 0.1, negatives,
+                                                    jnp.asarray(valid)))(jnp.asarray(z_rgb, jnp.float32))
+    assert float(none_valid) == 0.0
+    assert np.all(np.isfinite(grad)) and not np.any(grad[2])
+
+
 def test_info_nce_equal_similarities_is_log_n():
     z = jnp.ones((2, 16, 4)) / 2.0  # every pair has the same similarity
     assert abs(float(losses.patch_info_nce(z, z, 0.1)) - np.log(16)) < 1e-5

@@ -9,6 +9,7 @@ from mmcmae_jax.config import pretrain_config, validate
 from mmcmae_jax.models.m3 import MultiModalMAE
 from mmcmae_jax.models.masking import multimodal_masks
 from mmcmae_jax.objectives import init_stage2_from_stage1, make_objective, teacher_params_from_stage1
+from test_losses import np_info_nce
 
 
 def tiny_config(stage, **objective):
@@ -53,8 +54,42 @@ def check_step(config, frozen):
 @pytest.mark.parametrize("negatives,mask_ratio", [("image", 0.0), ("batch", 0.5)])
 def test_stage1_jits_and_every_parameter_learns(negatives, mask_ratio):
     loss, metrics, _ = check_step(tiny_config(1, negatives=negatives, stage1_mask_ratio=mask_ratio), {})
-    assert set(metrics) == {"contrastive", "contrastive_other_frame"}
+    assert set(metrics) == {"contrastive", "contrastive_other_frame", "contrastive_valid_patches"}
     assert float(loss) > 0
+
+
+def test_stage1_leaves_out_patches_without_depth():
+    """A patch without depth is neither an anchor nor a negative: the loss equals the loss over the other
+    patches alone, and a frame with no depth sends no gradient to the depth encoder."""
+    config = tiny_config(1, negatives="batch")
+    objective = make_objective(config)
+    batch = tiny_batch()
+    params = objective.init(jax.random.key(1), batch)
+    valid = np.ones((2, 32, 32, 1), np.float32)
+    valid[0, :8, :8] = 0           # patch 0 of frame 0: no depth
+    valid[0, 8:13, :8] = 0         # patch 4 of frame 0: 5/8 of its pixels missing
+    valid[1, :3, 8:16] = 0         # patch 1 of frame 1: 3/8 missing
+    out = objective.forward(params, batch, jax.random.key(2))
+    z_rgb, z_depth = np.asarray(out["z_rgb"], np.float64), np.asarray(out["z_depth"], np.float64)
+    for min_valid, dropped in ((0.0, [(0, 0)]), (0.5, [(0, 0), (0, 4)])):
+        config.objective.contrastive_min_valid_fraction = min_valid
+        keep = np.ones((2, 16), bool)
+        keep[tuple(zip(*dropped))] = False
+        expected = np_info_nce(z_rgb[keep], z_depth[keep], config.objective.temperature)
+        _, metrics = make_objective(config).loss(params, {}, dict(batch, depth_valid=jnp.asarray(valid)),
+                                                 jax.random.key(2))
+        assert abs(float(metrics["contrastive"]) - expected) < 1e-4 * expected, min_valid
+        assert abs(float(metrics["contrastive_valid_patches"]) - keep.mean()) < 1e-6
+
+    objective = make_objective(tiny_config(1, negatives="batch"))
+    no_depth = valid.copy()
+    no_depth[0] = 0
+    grads = jax.grad(lambda p: objective.loss(p, {}, dict(batch, depth_valid=jnp.asarray(no_depth)),
+                                              jax.random.key(2))[0])(params)
+    only_frame_1 = jax.grad(lambda p: objective.loss(
+        p, {}, {k: v[1:] for k, v in dict(batch, depth_valid=jnp.asarray(no_depth)).items()},
+        jax.random.key(2))[0])(params)
+    chex.assert_trees_all_close(grads["depth_encoder"], only_frame_1["depth_encoder"], atol=1e-5, rtol=1e-4)
 
 
 def test_m3_stage2_jits_every_parameter_learns_teacher_frozen(stage1_params):
@@ -120,6 +155,7 @@ def test_masked_depth_does_not_leak_into_prediction():
     ("model.image_size", 30, "config.model.image_size"),
     ("objective.temperature", 0.0, "config.objective.temperature"),
     ("objective.weights.contrastive", 0.0, "config.objective.weights.contrastive"),
+    ("objective.contrastive_min_valid_fraction", 1.0, "config.objective.contrastive_min_valid_fraction"),
 ])
 def test_stage1_bad_config_names_field(field, value, message):
     config = tiny_config(1)

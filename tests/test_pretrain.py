@@ -115,3 +115,14 @@ def test_stage2_with_distillation_needs_init_from():
     config = tiny_stage(2)
     with pytest.raises(ValueError, match=r"config\.init_from"):
         stage1_start(config, make_objective(config))
+
+
+def test_stage2_from_random_weights_says_so(capsys):
+    """m3_no_distill without config.init_from has no teacher to demand stage 1, so the start is announced."""
+    from mmcmae_jax.objectives import make_objective
+    from mmcmae_jax.pretrain import stage1_start
+    config = tiny_stage(2)
+    config.objective.weights.distill = 0.0
+    frozen, initial_params = stage1_start(config, make_objective(config), "m3_no_distill")
+    assert frozen is None and initial_params is None
+    assert "[m3_no_distill] both encoders start from random weights" in capsys.readouterr().out

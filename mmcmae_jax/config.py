@@ -84,6 +84,27 @@ class ConfigError(ValueError):
     """A config field has a bad value; the message starts with the field's path."""
 
 
+def parse_config_flags(argv):
+    """absl's flag parsing (app.run's flags_parser), with an override of a field the config does not have
+    reported in one line instead of a traceback from inside ml_collections."""
+    import sys
+    from absl import app
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as err:
+        inner = err.args[0] if err.args else err  # ml_collections wraps the KeyError in an AttributeError
+        if isinstance(inner, KeyError) and inner.args:
+            inner = inner.args[0]
+        message = " ".join(str(inner).split())
+        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+        hint = ("; two-stage configs (configs/demo.py, configs/m3.py) keep each stage's fields under stage1. "
+                "and stage2., e.g. --config.stage1.batch_size=64"
+                if any(not o.startswith(("--config.stage1.", "--config.stage2.")) for o in overrides) else "")
+        print(f"error: no such config field: {message} (overrides given: {' '.join(overrides)}){hint}",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def _check(condition: bool, field: str, message: str):
     if not condition:
         raise ConfigError(f"config.{field}: {message}")
@@ -213,6 +234,7 @@ def paper_scale_config(stage: int, preset: str = "vit_b16", objective: str = "m3
     config.model.variant = variant
     config.batch_size, config.total_steps = batch, steps
     config.optim.warmup_steps = steps // 20
+    config.data.require_path = True  # paper scale means real data: no silent procedural rooms
     change = dict(OBJECTIVES[objective])
     config.objective.weights.update(change.pop("weights", {}))
     config.objective.update(change)

@@ -3,7 +3,8 @@
     python -m mmcmae_jax.evaluate --config configs/finetune_nyu_depth.py --workdir W/nyu_depth \
         [--step N] [--out results.json] [--config.eval_data.path=NYU_TEST] [--config.eval.nyu_crop=True]
 
-The config is the one the run was fine-tuned with (it fixes the model and head); evaluation options
+The config is the one the run was fine-tuned with (it fixes the model and head; one whose task, model
+or head differs from the work directory's config.json is refused before restoring); evaluation options
 (`eval_data`, `eval.*`) can be changed here. Depth: δ1-3, AbsRel, SqRel, RMSE, RMSE-log, log10 in
 metres; segmentation: mIoU, pixel accuracy, mean class accuracy, per-class IoU (docs/transfer.md).
 Default output: WORKDIR/eval/step_N.json.
@@ -42,4 +43,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mmcmae_jax.config import parse_config_flags
+    app.run(main, flags_parser=parse_config_flags)

@@ -24,16 +24,14 @@ FLAGS = flags.FLAGS
 
 def train_data_path(config, workdir: str) -> str:
     """The training records: config.data.path, or the label-fraction subset of them (written once)."""
-    from mmcmae_jax.data import procedural, records
+    from mmcmae_jax.data.config import records_path
     from mmcmae_jax.transfer.splits import write_label_fraction
-    data = config.data
-    path = data.path
     if config.label_fraction >= 1.0:
-        return path
-    if not path:  # the procedural set, made as the pipeline would make it
-        path = procedural.ensure_procedural_dataset(data.procedural_dir, data.procedural_frames, data.procedural_size,
-                                                    config.seed, data.procedural_shards, records.ARRAY_RECORD,
-                                                    data.procedural_depth_noise)
+        return config.data.path
+    data = config.data.copy_and_resolve_references()
+    with data.unlocked():
+        data.seed = config.seed  # the procedural set, made as the pipeline would make it
+    path = records_path(data)
     out_dir = config.subset_dir or os.path.join(workdir, "train_subset")
     import jax
     if jax.process_index() == 0:
@@ -51,17 +49,28 @@ def train_data_path(config, workdir: str) -> str:
 def run_finetune(config, workdir: str, name: str = "finetune"):
     """Fine-tune, then evaluate the final parameters. Returns (TrainResult, eval results or None)."""
     import jax
+    from mmcmae_jax.data.config import check_path_given
     from mmcmae_jax.train.trainer import train
     from mmcmae_jax.transfer import evaluation
     from mmcmae_jax.transfer.config import validate_finetune
     from mmcmae_jax.transfer.objective import (ENCODER, make_transfer_objective, random_encoder,
                                                start_encoder, update_scale_for)
+    from mmcmae_jax.transfer.splits import require_labelled_frames
 
     validate_finetune(config)
+    pretrain.check_workdir(workdir)
+    check_path_given(config.data, "config.data")
+    if config.eval.at_end:
+        check_path_given(config.eval_data, "config.eval_data")
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
     encoder = start_encoder(config)  # checked before any data is read
+    # Segmentation on records without label maps would train on nothing (loss 0) for every step and
+    # evaluate nothing at the end: refuse such a set now, not after the run.
+    require_labelled_frames(config, "data")
+    if config.eval.at_end:
+        require_labelled_frames(config, "eval_data")
     objective = make_transfer_objective(config)
 
     train_config = config.copy_and_resolve_references()
@@ -107,4 +116,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mmcmae_jax.config import parse_config_flags
+    app.run(main, flags_parser=parse_config_flags)

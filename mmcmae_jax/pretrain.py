@@ -49,9 +49,16 @@ def initialize_distributed():
                  jax.local_device_count())
 
 
+def check_workdir(workdir: str) -> None:
+    from mmcmae_jax.config import ConfigError
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir}: is a file, not a directory")
+
+
 def run(config, workdir: str) -> dict:
     """Run every stage of `config` (or the config itself, if it is one stage). Returns {stage: result}."""
     from mmcmae_jax.config import ConfigError, validate_training
+    check_workdir(workdir)
     if "stages" not in config:
         return {"train": run_stage(config, workdir, "train")}
     for name in config.stages:  # every stage's config is checked before the first one starts
@@ -84,7 +91,7 @@ def run_stage(config, workdir: str, name: str):
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
     objective = make_objective(config)
-    iterator = make_train_iterator(config)
+    iterator = make_train_iterator(config, "config.data" if name == "train" else f"config.{name}.data")
     images_fn = stage2_picture_fn(objective, config, workdir) if config.objective.stage == 2 else None
     frozen, initial_params = stage1_start(config, objective, name)
     print(f"[{name}] stage {config.objective.stage}, {config.model.variant} at {config.model.image_size}px, "
@@ -129,8 +136,9 @@ def stage1_start(config, objective, name: str = "stage2"):
     return frozen, initial_params
 
 
-def make_train_iterator(config):
-    """The grain iterator of this process's share of every global batch, at the model's image size."""
+def make_train_iterator(config, data_field: str = "config.data"):
+    """The grain iterator of this process's share of every global batch, at the model's image size;
+    `data_field` names config.data in errors."""
     import jax
     from mmcmae_jax.data import pipeline_from_config
     if config.batch_size % jax.process_count():
@@ -141,7 +149,11 @@ def make_train_iterator(config):
         data.batch_size = config.batch_size // jax.process_count()
         data.image_size = config.model.image_size
         data.seed = config.seed
-    return pipeline_from_config(data, train=True)
+    from mmcmae_jax.config import ConfigError
+    try:
+        return pipeline_from_config(data, train=True, name=data_field)
+    except FileNotFoundError as err:  # a path that does not exist: name the field that gave it
+        raise ConfigError(f"{data_field}.path={data.path!r}: {err}") from None
 
 
 def main(argv):
@@ -163,4 +175,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    from mmcmae_jax.config import parse_config_flags
+    app.run(main, flags_parser=parse_config_flags)

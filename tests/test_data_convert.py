@@ -60,7 +60,7 @@ def test_nyu_png_folder_in_metres_with_labels(tmp_path):
     assert names[int(np.bincount(label[label < 255]).argmax())] in ("wall", "floor", "cabinet", "bed")
 
 
-def test_sunrgbd_bit_rotation_gives_millimetres(tmp_path):
+def test_sunrgbd_bit_rotation_gives_millimetres(tmp_path, capsys):
     root = _real("sunrgbd_mini/SUNRGBD")
     paths = convert.main(
         [
@@ -78,6 +78,7 @@ def test_sunrgbd_bit_rotation_gives_millimetres(tmp_path):
     ) or records.expand_paths(str(tmp_path))
     frames = _frames(paths)
     assert len(frames) == 15
+    assert f"wrote 15 frames (0 with a label map) to 1 array_record shards in {tmp_path}" in capsys.readouterr().out
     depth = schema.decode_example(frames["1"]).depth_m
     assert depth.shape == (530, 730)
     valid = depth[depth > 0]

@@ -56,3 +56,13 @@ def test_write_dataset_is_the_same_whatever_the_sharding(tmp_path):
     ex = schema.parse_example(next(iter(records.read_records(three[0]))))
     assert ex.label_set == "procedural" and ex.intrinsics is not None
     assert procedural.ensure_procedural_dataset(str(tmp_path / "b"), 6, 24, seed=5, num_shards=3) == three
+
+
+def test_replacing_a_procedural_set_says_what_changed(tmp_path, capsys):
+    """Runs that share a procedural_dir with other settings replace each other's set: never silently."""
+    first = procedural.ensure_procedural_dataset(str(tmp_path), 4, 24, seed=5, num_shards=1)
+    assert "replacing" not in capsys.readouterr().out
+    assert procedural.ensure_procedural_dataset(str(tmp_path), 4, 24, seed=5, num_shards=1) == first
+    procedural.ensure_procedural_dataset(str(tmp_path), 3, 24, seed=5, num_shards=1)
+    out = capsys.readouterr().out
+    assert f"replacing the procedural set in {tmp_path}" in out and "'num_frames': (4, 3)" in out

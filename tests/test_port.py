@@ -200,8 +200,8 @@ def test_init_both_encoders_of_stage1(tmp_path):
 # Export from checkpoints (orbax as the trainer writes it, msgpack, safetensors) and the CLI
 
 
-def stage1_params():
-    model = CrossModalContrastive(variant=TINY, proj_hidden=32, proj_dim=16)
+def stage1_params(variant=TINY):
+    model = CrossModalContrastive(variant=variant, proj_hidden=32, proj_dim=16)
     images = {"rgb": jnp.zeros((1, 32, 32, 3)), "depth": jnp.zeros((1, 32, 32, 1))}
     return random_like(jax.eval_shape(model.init, jax.random.key(0), images)["params"])
 
@@ -253,6 +253,7 @@ def test_export_from_standard_checkpointer_msgpack_and_safetensors(tmp_path, cap
     assert export_main(["--checkpoint", str(tmp_path / "p.msgpack"), "--out", str(tmp_path / "d.safetensors"),
                         "--modality", "depth", "--variant", TINY]) == 0
     printed = capsys.readouterr().out
+    assert "image size 224, unless a learned position table fixes it (no --image-size, no run config.json)" in printed
     assert "VisionTransformer(img_size=224, patch_size=16, embed_dim=64, depth=2, num_heads=2" in printed
     assert "strict=True" in printed
     assert load_file(str(tmp_path / "d.safetensors"))["patch_embed.proj.weight"].shape == (64, 1, 16, 16)
@@ -270,6 +271,102 @@ def test_export_errors_are_clear(tmp_path, capsys):
     assert "no checkpoint directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no thermal_encoder"):
         export(str(tmp_path / "p.msgpack"), str(tmp_path / "x.safetensors"), modality="thermal", variant=TINY)
+
+
+# A pre-training work directory as `pretrain.run_stage` and the trainer leave it: config.json, checkpoints/.
+RUN_VARIANT, RUN_SIZE = "64x2x2/8", 32
+
+
+def pretrain_workdir(path, params, variant=RUN_VARIANT, image_size=RUN_SIZE, step=2):
+    from mmcmae_jax.config import training_config
+    from mmcmae_jax.train.checkpoint import Checkpointer
+    config = training_config(1)
+    config.model.update(variant=variant, image_size=image_size)
+    os.makedirs(path)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    checkpointer = Checkpointer(os.path.join(path, "checkpoints"), every_steps=1, async_save=False)
+    checkpointer.save(step, {"step": np.int32(step), "params": params}, None, force=True)
+    checkpointer.close()
+    return str(path)
+
+
+def assert_state_dicts_equal(written, expected):
+    assert written.keys() == expected.keys()
+    for k in expected:
+        np.testing.assert_array_equal(written[k], expected[k], err_msg=k)
+
+
+def test_export_takes_variant_and_image_size_from_config_json(tmp_path, capsys):
+    params = stage1_params(RUN_VARIANT)
+    workdir = pretrain_workdir(tmp_path / "run", params)
+    out = str(tmp_path / "rgb.safetensors")
+    assert export_main(["--checkpoint", workdir, "--out", out]) == 0
+    printed = capsys.readouterr().out
+    config_json = os.path.join(workdir, "config.json")
+    assert f"variant {RUN_VARIANT} (model.variant in {config_json})" in printed
+    assert f"image size {RUN_SIZE} (model.image_size in {config_json})" in printed
+    assert "VisionTransformer(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2" in printed
+    expected = flax_encoder_to_timm(params["rgb_encoder"], image_size=RUN_SIZE)
+    assert_state_dicts_equal(load_file(out), expected)
+    assert expected["pos_embed"].shape == (1, 1 + 16, 64)
+    # Every form of --checkpoint inside the work directory finds the same config.json.
+    for inside in ("checkpoints", "checkpoints/2", "checkpoints/2/state"):  # work dir, step folder, item
+        (path, _), = export(os.path.join(workdir, inside), str(tmp_path / "again.safetensors"))
+        assert_state_dicts_equal(load_file(path), expected)
+
+
+def test_export_of_a_two_stage_workdir_names_the_stages(tmp_path, capsys):
+    params = stage1_params(RUN_VARIANT)
+    for stage in ("stage1", "stage2"):
+        pretrain_workdir(tmp_path / "demo" / stage, params)
+    demo = str(tmp_path / "demo")
+    assert export_main(["--checkpoint", demo, "--out", str(tmp_path / "x.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "multi-stage work directory (stages: stage1, stage2)" in err
+    assert f"--checkpoint {os.path.join(demo, 'stage2')}" in err
+    with pytest.raises(ValueError, match="multi-stage"):
+        export(demo, str(tmp_path / "x.safetensors"), full_model=True)
+
+
+def test_export_flags_override_config_json(tmp_path, capsys):
+    params = stage1_params(RUN_VARIANT)
+    workdir = pretrain_workdir(tmp_path / "run", params)
+    out = str(tmp_path / "rgb.safetensors")
+    assert export_main(["--checkpoint", workdir, "--out", out, "--variant", "64x2x4/8", "--image-size", "48"]) == 0
+    printed = capsys.readouterr().out
+    assert "variant 64x2x4/8 (--variant)" in printed and "image size 48 (--image-size)" in printed
+    assert "img_size=48, patch_size=8, embed_dim=64, depth=2, num_heads=4" in printed
+    assert_state_dicts_equal(load_file(out), flax_encoder_to_timm(params["rgb_encoder"], image_size=48))
+    # One flag: the other value still comes from config.json.
+    assert export_main(["--checkpoint", workdir, "--out", out, "--image-size", "16,40"]) == 0
+    printed = capsys.readouterr().out
+    assert f"variant {RUN_VARIANT} (model.variant in " in printed and "image size 16x40 (--image-size)" in printed
+    assert "img_size=(16, 40), patch_size=8, embed_dim=64, depth=2, num_heads=2" in printed
+    # A config.json whose variant the weights do not have says where that variant came from.
+    other = pretrain_workdir(tmp_path / "other", params, variant="64x4x2/8")
+    assert export_main(["--checkpoint", other, "--out", out]) == 1
+    config_json = os.path.join(other, "config.json")
+    assert f"variant 64x4x2/8 (model.variant in {config_json}) is width 64, depth 4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text,message", [
+    ("{not json", "cannot read the run's config"),
+    ('{"model": {"variant": "64x2x2/8"}}', "no model.variant and model.image_size in it"),
+    ('{"model": {"variant": "64x2/8", "image_size": 32}}', "model.variant: ViT variant '64x2/8'"),
+    ('{"model": {"variant": "64x2x2/8", "image_size": "32"}}', "model.image_size='32' is not a positive int"),
+])
+def test_broken_config_json_is_named(tmp_path, capsys, text, message):
+    workdir = pretrain_workdir(tmp_path / "run", stage1_params(RUN_VARIANT))
+    config_json = os.path.join(workdir, "config.json")
+    with open(config_json, "w", encoding="utf-8") as f:
+        f.write(text)
+    out = str(tmp_path / "rgb.safetensors")
+    assert export_main(["--checkpoint", workdir, "--out", out]) == 1
+    err = capsys.readouterr().err
+    assert f"{config_json}: " in err and message in err and "Traceback" not in err
+    # Both flags given: config.json is not needed, so not read.
+    assert export_main(["--checkpoint", workdir, "--out", out, "--variant", RUN_VARIANT, "--image-size", "32"]) == 0
 
 
 def test_named_sizes_print_timm_model_names():
@@ -313,6 +410,22 @@ def test_parity_vit_base_224_through_exported_file(tmp_path):
     ours, _ = jax.jit(enc.apply)({"params": params}, images)
     theirs = timm_tokens(model, images)
     assert theirs.shape == (2, 197, 768)
+    assert np.max(np.abs(theirs - np.asarray(ours))) < 1e-4
+
+
+@needs_torch
+def test_export_with_config_json_sizes_loads_into_timm(tmp_path):
+    timm, _ = import_timm()
+    from safetensors.torch import load_file as torch_load_file
+    params = stage1_params(RUN_VARIANT)
+    workdir = pretrain_workdir(tmp_path / "run", params)
+    (path, constructor), = export(workdir, str(tmp_path / "rgb.safetensors"))  # no variant, no image size
+    model = eval(constructor, {"timm": timm})
+    model.load_state_dict(torch_load_file(path), strict=True)
+    images = np.random.RandomState(4).randn(2, RUN_SIZE, RUN_SIZE, 3).astype(np.float32)
+    ours, _ = ViTEncoder(RUN_VARIANT).apply({"params": params["rgb_encoder"]}, images)
+    theirs = timm_tokens(model, images)
+    assert theirs.shape == (2, 1 + 16, 64)
     assert np.max(np.abs(theirs - np.asarray(ours))) < 1e-4
 
 

@@ -71,6 +71,31 @@ def test_bad_config_value_fails_at_start_naming_the_field(tmp_path, override, fi
     assert not os.path.exists(tmp_path / "bad" / "stage1" / "checkpoints")
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--config.batch_size=8"], "no such config field: 'batch_size'"),  # a two-stage config's field
+    (["--config.stage1.batch_siz=8"], 'Did you mean "batch_size"'),
+    (["--config.stage1.data.path=/no/such/records"], "config.stage1.data.path='/no/such/records'"),
+])
+def test_bad_override_or_path_is_one_line_not_a_traceback(tmp_path, args, message):
+    run = pretrain("--config", "configs/demo.py:smoke", "--workdir", str(tmp_path / "bad"), *args)
+    assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
+    assert "Traceback" not in run.stderr
+
+
+def test_workdir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("")
+    run = pretrain("--config", "configs/demo.py:smoke", "--workdir", str(tmp_path / "afile"))
+    assert run.returncode == 2 and "is a file, not a directory" in run.stderr
+
+
+def test_paper_scale_config_needs_a_data_path():
+    """Paper scale means real data: an empty path stops the run instead of training on procedural rooms."""
+    from mmcmae_jax.config import ConfigError, paper_scale_config
+    from mmcmae_jax.pretrain import make_train_iterator
+    with pytest.raises(ConfigError, match=r"config\.data\.path is empty"):
+        make_train_iterator(paper_scale_config(1, "vit_s16"))
+
+
 def tiny_stage(stage):
     from mmcmae_jax.config import training_config
     config = training_config(stage)

@@ -222,3 +222,114 @@ def test_label_fractions_are_deterministic_and_nested(tmp_path):
     assert all(int(f.split("/")[1]) % 2 == 0 for f in manifest["frames"])
     from mmcmae_jax.data import read_records
     assert sum(1 for _ in read_records(manifest["shards"][0])) == 5
+
+
+def write_frames(path, labelled):
+    """Tiny records, one per entry of `labelled`: True with a label map, False without, bytes written as
+    they are (a bad record)."""
+    from mmcmae_jax.data import example_from_arrays, serialize_example, write_records
+    rng = np.random.default_rng(0)
+
+    def frame(i, entry):
+        if isinstance(entry, bytes):
+            return entry
+        return serialize_example(example_from_arrays(
+            rng.integers(0, 255, (8, 8, 3), dtype=np.uint8), np.full((8, 8), 1000, np.uint16), 0.001,
+            frame_id=f"{i:04d}", source="test", label=np.zeros((8, 8), np.uint8) if entry else None))
+    write_records(str(path), [frame(i, entry) for i, entry in enumerate(labelled)])
+    return str(path)
+
+
+def test_segmentation_refuses_records_without_labels_at_start(tmp_path):
+    from mmcmae_jax.finetune import run_finetune
+    from mmcmae_jax.transfer.evaluation import evaluate_workdir
+    from mmcmae_jax.transfer.splits import has_labelled_frame, require_labelled_frames
+    unlabelled = write_frames(tmp_path / "raw-00000-of-00001.array_record", [False] * 6)
+    # A labelled frame after unlabelled ones counts, and the scan stops there: the bad record after it
+    # is never read.
+    mixed = write_frames(tmp_path / "mixed-00000-of-00001.array_record", [False, False, True, b"not a record"])
+    assert has_labelled_frame(mixed) and not has_labelled_frame(unlabelled)
+
+    config = tiny()
+    config.data.path, config.eval_data.path = unlabelled, mixed
+    with pytest.raises(ConfigError, match=r"config\.data\.path='.*raw-00000-of-00001\.array_record'.*label map"):
+        run_finetune(config, str(tmp_path / "work"))
+    assert not os.path.isdir(tmp_path / "work" / "checkpoints")  # stopped before the first step
+    config.data.path, config.eval_data.path = mixed, unlabelled
+    with pytest.raises(ConfigError, match=r"config\.eval_data\.path='.*raw-00000-of-00001\.array_record'"):
+        run_finetune(config, str(tmp_path / "work"))
+    with pytest.raises(ConfigError, match=r"config\.eval_data\.path="):  # the evaluation command too
+        evaluate_workdir(config, str(tmp_path / "work"))
+    config.eval_data.path = str(tmp_path / "missing-*.array_record")
+    with pytest.raises(ConfigError, match=r"config\.eval_data\.path='.*missing-\*.*matches no files"):
+        evaluate_workdir(config, str(tmp_path / "work"))
+    depth = tiny("depth")  # depth needs no label map
+    depth.data.path = unlabelled
+    require_labelled_frames(depth, "data")
+
+
+def test_encoder_of_another_model_is_named_with_the_overrides_to_use(tmp_path):
+    import ml_collections
+    from mmcmae_jax.config import model_config
+    from mmcmae_jax.models.vit import ViTEncoder
+    from mmcmae_jax.train.checkpoint import Checkpointer
+
+    # A stage-2 work directory of a 4-block encoder pre-trained at 64 px, with the config.json it records.
+    stage2 = tmp_path / "stage2"
+    source = jax.eval_shape(ViTEncoder("64x4x2/8").init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))["params"]
+    checkpointer = Checkpointer(str(stage2 / "checkpoints"), async_save=False)
+    checkpointer.save(5, {"step": 5, "params": {"rgb_encoder": jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                                                             source)}}, None, force=True)
+    checkpointer.close()
+    pretraining = ml_collections.ConfigDict({"model": model_config()})
+    pretraining.model.update(variant="64x4x2/8", image_size=64)
+    (stage2 / "config.json").write_text(pretraining.to_json_best_effort(indent=2))
+
+    for init_from in (stage2, stage2 / "checkpoints"):  # the work directory or its checkpoints/
+        with pytest.raises(ConfigError) as err:
+            tobj.start_encoder(tiny(init_from=str(init_from)))
+        message = str(err.value)
+        assert f"config.init_from={str(init_from)!r}" in message
+        assert "64x4x2/8 at 64 px" in message and "config.model is 64x2x2/8 at 32 px" in message
+        assert "--config.model.variant=64x4x2/8 --config.model.image_size=64" in message
+        assert "pytree" not in message
+
+    # Without config.json the weights say what they can.
+    (stage2 / "config.json").unlink()
+    with pytest.raises(ConfigError, match=r"width 64, 4 blocks, patch 8.*no config\.json.*config\.model\.variant"):
+        tobj.start_encoder(tiny(init_from=str(stage2)))
+
+
+def test_evaluation_refuses_the_config_of_another_task_or_model(tmp_path):
+    from mmcmae_jax.transfer.evaluation import check_recorded_config, evaluate_workdir
+    work = tmp_path / "depth_run"
+    work.mkdir()
+    (work / "config.json").write_text(tiny("depth").to_json_best_effort(indent=2))  # as finetune.py writes it
+
+    with pytest.raises(ConfigError) as err:
+        evaluate_workdir(tiny("segmentation"), str(work))
+    message = str(err.value)
+    assert str(work) in message and "task='depth'" in message and "config.task='segmentation'" in message
+
+    with pytest.raises(ConfigError, match=r"config\.head\.features=32.*--config\.head\.features=16"):
+        check_recorded_config(tiny("depth", head=dict(tiny().head, features=32)), str(work / "checkpoints"))
+    check_recorded_config(tiny("depth"), str(work))  # the run's own config
+    check_recorded_config(tiny("depth", model=dict(tiny().model, image_size=64)), str(work))  # sin-cos: any size
+    check_recorded_config(tiny("segmentation"), str(tmp_path / "no_record"))  # older runs: not checked
+
+
+@pytest.mark.parametrize("name", ["finetune_nyu_depth.py", "finetune_nyu_seg.py", "finetune_sunrgbd_seg.py",
+                                  "finetune_scannet_seg.py"])
+def test_real_data_configs_refuse_an_empty_data_path_at_start(tmp_path, name):
+    """Without data paths these configs would train and evaluate on procedural rooms, silently."""
+    from mmcmae_jax.finetune import run_finetune
+    config = load_config(os.path.join(ROOT, "configs", name), "vit_s16")
+    with pytest.raises(ConfigError, match=r"config\.data\.path is empty"):
+        run_finetune(config, str(tmp_path / "a"))
+    config.data.path = str(tmp_path)  # given; the evaluation set still missing
+    with pytest.raises(ConfigError, match=r"config\.eval_data\.path is empty"):
+        run_finetune(config, str(tmp_path / "b"))
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        run_finetune(config, str(tmp_path / "afile"))

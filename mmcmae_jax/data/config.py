@@ -12,6 +12,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     """Defaults of every input option (docs/data.md explains each)."""
     c = ml_collections.ConfigDict()
     c.path = ""  # files, glob, comma list or directory; "" = the procedural demo set
+    # True for configs meant for real data (paper scale, NYU, SUN RGB-D, ScanNet): an empty path is then
+    # an error, not a silent switch to the procedural rooms.
+    c.require_path = False
     c.format = "auto"  # "auto" | "array_record" | "tfrecord"
     c.image_size = 224
     c.batch_size = 64  # per process
@@ -75,24 +78,17 @@ def validate_data_config(c) -> None:
     _check(c.read_threads >= 1, "read_threads", c.read_threads, "must be >= 1")
     _check(c.num_epochs is None or c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be None or >= 1")
     _check(isinstance(c.skip_bad_records, bool), "skip_bad_records", c.skip_bad_records, "must be a bool")
+    _check(isinstance(c.require_path, bool), "require_path", c.require_path, "must be a bool")
 
 
 def pipeline_from_config(
-    c, *, train: bool, shard_index: int | None = None, shard_count: int | None = None, skip_log=None
+    c, *, train: bool, shard_index: int | None = None, shard_count: int | None = None, skip_log=None,
+    name: str = "config.data",
 ):
-    """Validate `c` and build the pipeline; an empty path makes (once) and reads the procedural set."""
+    """Validate `c` (the config section `name`) and build the pipeline; an empty path makes (once) and
+    reads the procedural set."""
     validate_data_config(c)
-    path = c.path
-    if not path:
-        path = procedural.ensure_procedural_dataset(
-            c.procedural_dir,
-            c.procedural_frames,
-            c.procedural_size,
-            c.seed,
-            c.procedural_shards,
-            records.ARRAY_RECORD,
-            c.procedural_depth_noise,
-        )
+    path = records_path(c, name)
     return pipeline.make_pipeline(
         path,
         batch_size=c.batch_size,
@@ -117,3 +113,31 @@ def pipeline_from_config(
         read_threads=c.read_threads,
         skip_log=skip_log,
     )
+
+
+def records_path(c, name: str = "config.data") -> str:
+    """c.path, or, when it is empty, the procedural set (written once, announced); with c.require_path an
+    empty path is an error naming `name`.path."""
+    if c.path:
+        return c.path
+    check_path_given(c, name)
+    print(f"[data] {name}.path is empty: reading the procedural rooms ({c.procedural_frames} frames at "
+          f"{c.procedural_size} px, in {c.procedural_dir})", flush=True)
+    return procedural.ensure_procedural_dataset(
+        c.procedural_dir,
+        c.procedural_frames,
+        c.procedural_size,
+        c.seed,
+        c.procedural_shards,
+        records.ARRAY_RECORD,
+        c.procedural_depth_noise,
+    )
+
+
+def check_path_given(c, name: str = "config.data") -> None:
+    """Raise ConfigError when c.require_path and c.path is empty (run it at start, before training)."""
+    if c.require_path and not c.path:
+        from mmcmae_jax.config import ConfigError
+        raise ConfigError(f"{name}.path is empty: this config is meant for real data; pass "
+                          f"--{name}.path=RECORDS (files, a glob or a directory of converted records, "
+                          f"docs/data.md)")

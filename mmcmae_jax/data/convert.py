@@ -33,7 +33,7 @@ def write_example_shards(
     os.makedirs(out_dir, exist_ok=True)
     paths = [records.shard_name(out_dir, prefix, i, num_shards, fmt) for i in range(num_shards)]
     writers = [records.open_writer(p, fmt) for p in paths]
-    written = 0
+    written = labelled = 0
     try:
         for ex in examples:
             try:
@@ -45,12 +45,14 @@ def write_example_shards(
                 continue
             writers[written % num_shards].write(schema.serialize_example(ex))
             written += 1
+            labelled += ex.label is not None
     finally:
         for w in writers:
             w.close()
-    logging.info("wrote %d frames to %d %s shards in %s", written, num_shards, fmt, out_dir)
-    if skip_log is not None and skip_log.count:
-        logging.warning("skipped %d bad frames", skip_log.count)
+    # Printed, not logged: how many frames (and label maps) a pattern matched is what a user checks first.
+    skipped = f", {skip_log.count} bad frames skipped" if skip_log is not None and skip_log.count else ""
+    print(f"wrote {written} frames ({labelled} with a label map{skipped}) to {num_shards} {fmt} shards in "
+          f"{out_dir}", flush=True)
     return paths
 
 

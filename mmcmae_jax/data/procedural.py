@@ -600,6 +600,10 @@ def ensure_procedural_dataset(
             os.path.exists(p) for p in meta["shards"]
         ):
             return list(meta["shards"])
+        # Another run may still read the set that is replaced here: say so, with what changed.
+        changed = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
+        print(f"[data] replacing the procedural set in {out_dir} ({changed or 'shards missing'}); give each "
+              f"set its own procedural_dir to keep both", flush=True)
     return write_procedural_dataset(
         out_dir, num_frames, image_size, seed, num_shards, format, depth_noise, prefix=prefix
     )

@@ -6,7 +6,13 @@
 --checkpoint: a trainer work directory, its `checkpoints/` folder (the latest step, or --step), one
 orbax PyTree checkpoint directory, or a `.msgpack` / `.safetensors` file of params (safetensors keys are
 Flax paths joined by '/'). The saved item may be the params tree itself or a dict holding it under
-`params` (the trainer's train state).
+`params` (the trainer's train state). A two-stage work directory (the demo's W) holds one work
+directory per stage: name one, e.g. W/stage2.
+
+--variant and --image-size default to `model.variant` and `model.image_size` of the run's `config.json`
+(written by pre-training and fine-tuning into the work directory) when --checkpoint is a work directory
+or lies in its `checkpoints/`; a flag given wins. Without either, the weights give the size (named ViT
+widths only) and the image size is 224.
 
 An encoder export loads with `strict=True` into timm's `VisionTransformer`; the command prints the
 constructor to use. --modality all writes OUT with `-rgb` and `-depth` before the suffix. --full-model
@@ -16,14 +22,98 @@ writes every parameter of the model (decoder, heads, both encoders) under dotted
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
 from mmcmae_jax.models.vit import parse_variant
-from mmcmae_jax.port.timm_layout import (ImageSize, encoder_image_size, encoder_spec, flax_encoder_to_timm, timm_constructor, tree_to_state_dict, unflatten)
+from mmcmae_jax.port.timm_layout import (ImageSize, encoder_image_size, encoder_spec, flax_encoder_to_timm, image_hw,
+                                         timm_constructor, tree_to_state_dict, unflatten)
+
+
+
+class ModelSettings(NamedTuple):
+    """--variant and --image-size as the export uses them, each with where it came from."""
+    variant: Optional[str]
+    variant_source: str
+    image_size: Optional[ImageSize]
+    image_size_source: str
+
+
+def stage_workdirs(path: str) -> list:
+    """The stage work directories in a multi-stage work directory (`pretrain` with a two-stage config
+    writes W/stage1, W/stage2), or [] when `path` is no such directory."""
+    from mmcmae_jax.train.checkpoint import RUN_CONFIG, run_workdir
+    path = os.path.abspath(path)
+    if not os.path.isdir(path) or run_workdir(path) is not None:
+        return []
+    return [name for name in sorted(os.listdir(path))
+            if os.path.isfile(os.path.join(path, name, RUN_CONFIG))
+            and os.path.isdir(os.path.join(path, name, "checkpoints"))]
+
+
+def _check_single_stage(checkpoint: str) -> None:
+    # Which stage to export is the user's choice (stage 2 holds M3's final encoders): say how to make it
+    # instead of the checkpoint reader's "holds no orbax checkpoint".
+    stages = stage_workdirs(checkpoint)
+    if stages:
+        raise ValueError(f"{checkpoint!r} is a multi-stage work directory (stages: {', '.join(stages)}): "
+                         f"give one stage's, e.g. --checkpoint {os.path.join(checkpoint, stages[-1])}")
+
+
+def read_run_config(path: str) -> tuple:
+    """(model.variant, model.image_size) of a run's config.json; errors name the file and the field."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path}: cannot read the run's config ({err}); pass --variant and --image-size "
+                         "instead") from None
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, dict) or "variant" not in model or "image_size" not in model:
+        raise ValueError(f"{path}: no model.variant and model.image_size in it (not a pre-training or "
+                         "fine-tuning config?); pass --variant and --image-size instead")
+    variant, size = model["variant"], model["image_size"]
+    if not isinstance(variant, str):
+        raise ValueError(f"{path}: model.variant={variant!r} is not a string such as 'B/16'")
+    try:
+        parse_variant(variant)
+    except ValueError as err:
+        raise ValueError(f"{path}: model.variant: {err}") from None
+    if isinstance(size, list) and len(size) == 2:  # JSON has no tuples
+        size = tuple(size)
+    sides = size if isinstance(size, tuple) else (size,)
+    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sides):
+        raise ValueError(f"{path}: model.image_size={model['image_size']!r} is not a positive int or [H, W]")
+    return variant, size
+
+
+def model_settings(checkpoint: str, variant: Optional[str] = None,
+                   image_size: Optional[ImageSize] = None) -> ModelSettings:
+    """--variant and --image-size for `checkpoint`: each from its flag, else from the run's config.json,
+    else None (the weights' named size; 224 px)."""
+    _check_single_stage(checkpoint)
+    from mmcmae_jax.train.checkpoint import RUN_CONFIG, run_workdir
+    workdir = run_workdir(checkpoint)
+    config_path = os.path.join(workdir, RUN_CONFIG) if workdir else None
+    from_config = (None, None)
+    if config_path and os.path.isfile(config_path) and (variant is None or image_size is None):
+        from_config = read_run_config(config_path)
+
+    def pick(flag_value, flag, config_value, field):
+        if flag_value is not None:
+            return flag_value, flag
+        if config_value is not None:
+            return config_value, f"{field} in {config_path}"
+        return None, f"no {flag}, no run config.json"
+
+    variant, variant_source = pick(variant, "--variant", from_config[0], "model.variant")
+    image_size, size_source = pick(image_size, "--image-size", from_config[1], "model.image_size")
+    return ModelSettings(variant, variant_source, image_size, size_source)
+
 
 def _take_params(tree: Mapping, where: str) -> dict:
     if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
@@ -80,12 +170,16 @@ def _out_path(out: str, modality: str, several: bool) -> str:
 def export(checkpoint: str, out: str, *, modality: str = "rgb", full_model: bool = False,
            variant: Optional[str] = None, image_size: Optional[ImageSize] = None,
            step: Optional[int] = None) -> list:
-    """Write the state_dicts; returns [(path, timm constructor or None)]."""
-    params = load_params(checkpoint, step)
-    if full_model:
-        state_dict = tree_to_state_dict(params)
+    """Write the state_dicts; returns [(path, timm constructor or None)]. `variant` and `image_size`
+    default to the run's config.json (see `model_settings`)."""
+    if full_model:  # every parameter under its own name: neither the size nor the image size matters
+        _check_single_stage(checkpoint)
+        state_dict = tree_to_state_dict(load_params(checkpoint, step))
         save_state_dict(state_dict, out, {"format": "pt", "layout": "mmcmae_jax full model, dotted names"})
         return [(out, None)]
+    settings = model_settings(checkpoint, variant, image_size)
+    variant, image_size = settings.variant, settings.image_size
+    params = load_params(checkpoint, step)
     modalities = ("rgb", "depth") if modality == "all" else (modality,)
     written = []
     for m in modalities:
@@ -94,7 +188,9 @@ def export(checkpoint: str, out: str, *, modality: str = "rgb", full_model: bool
         if variant is not None:
             wanted, found = parse_variant(variant), encoder_spec(enc, num_heads=1)
             if (found.width, found.depth, found.patch_size) != (wanted.width, wanted.depth, wanted.patch_size):
-                raise ValueError(f"--variant {variant} is width {wanted.width}, depth {wanted.depth}, patch "
+                given = (f"--variant {variant}" if settings.variant_source == "--variant"
+                         else f"variant {variant} ({settings.variant_source})")
+                raise ValueError(f"{given} is width {wanted.width}, depth {wanted.depth}, patch "
                                  f"{wanted.patch_size}; the {m} encoder has {found.width}, {found.depth}, "
                                  f"{found.patch_size}")
             heads = wanted.num_heads
@@ -116,6 +212,19 @@ def _image_size(text: str):
     raise argparse.ArgumentTypeError(f"--image-size {text!r}: give N or H,W")
 
 
+def _print_settings(settings: ModelSettings) -> None:
+    # Printed before the export: a size that the checkpoint refuses is then read knowing where it came from.
+    if settings.variant is None:
+        print(f"variant: the named ViT size of the weights' width ({settings.variant_source})")
+    else:
+        print(f"variant {settings.variant} ({settings.variant_source})")
+    if settings.image_size is None:
+        print(f"image size 224, unless a learned position table fixes it ({settings.image_size_source})")
+    else:
+        h, w = image_hw(settings.image_size)
+        print(f"image size {h if h == w else f'{h}x{w}'} ({settings.image_size_source})")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mmcmae_jax.port.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
@@ -123,12 +232,16 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="output .safetensors file")
     parser.add_argument("--modality", choices=("rgb", "depth", "all"), default="rgb")
     parser.add_argument("--full-model", action="store_true", help="every parameter, dotted names (no timm class)")
-    parser.add_argument("--variant", help="e.g. B/16 or 64x2x2/16: needed for the head count of a custom width")
+    parser.add_argument("--variant", help="e.g. B/16 or 64x2x2/16: needed for the head count of a custom width "
+                        "(default: model.variant of the run's config.json)")
     parser.add_argument("--image-size", type=_image_size, default=None,
-                        help="N or H,W for the sin-cos table and img_size (default 224; a learned table fixes it)")
+                        help="N or H,W for the sin-cos table and img_size (default: model.image_size of the "
+                        "run's config.json, else 224; a learned table fixes it)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     args = parser.parse_args(argv)
     try:
+        if not args.full_model:
+            _print_settings(model_settings(args.checkpoint, args.variant, args.image_size))
         written = export(args.checkpoint, args.out, modality=args.modality, full_model=args.full_model,
                          variant=args.variant, image_size=args.image_size, step=args.step)
     except (ValueError, FileNotFoundError) as err:

@@ -6,6 +6,7 @@ batches an uninterrupted run would have read. Saves are asynchronous; the newest
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -78,6 +79,8 @@ def find_pytree_dir(path: str, step=None) -> str:
     path = os.path.abspath(path)
     if _is_pytree_dir(path):
         return path
+    if os.path.isdir(path) and _step_item(path):  # a step folder
+        return _step_item(path)
     nested = os.path.join(path, "checkpoints")  # a trainer work directory
     if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):
         path = nested
@@ -93,12 +96,17 @@ def find_pytree_dir(path: str, step=None) -> str:
     step_dir = os.path.join(path, str(step))
     if _is_pytree_dir(step_dir):
         return step_dir
-    # CheckpointManager items: the trainer's train state is `state`, a single unnamed item `default`.
+    if _step_item(step_dir):
+        return _step_item(step_dir)
+    raise FileNotFoundError(f"step folder {step_dir!r} holds no PyTree item")
+
+
+def _step_item(step_dir: str) -> str | None:
+    """The PyTree item of a CheckpointManager step folder: the trainer's train state is `state`, a single
+    unnamed item `default`; else the first other item. None when it holds none."""
     items = [n for n in ("state", "default") if _is_pytree_dir(os.path.join(step_dir, n))]
     items += sorted(n for n in os.listdir(step_dir) if n not in items and _is_pytree_dir(os.path.join(step_dir, n)))
-    if items:
-        return os.path.join(step_dir, items[0])
-    raise FileNotFoundError(f"step folder {step_dir!r} holds no PyTree item")
+    return os.path.join(step_dir, items[0]) if items else None
 
 
 def restore_params(directory: str, step=None) -> dict:
@@ -141,3 +149,43 @@ class PreemptionFlag:
     def restore_handler(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+RUN_CONFIG = "config.json"  # pretrain.run_stage and finetune.run_finetune write it into their work directory
+
+
+def run_workdir(path: str) -> str | None:
+    """The trainer work directory W that `path` names (W, W/checkpoints, W/checkpoints/STEP or
+    W/checkpoints/STEP/ITEM), or None (a file, a standalone PyTree directory)."""
+    path = os.path.abspath(path)
+    if os.path.isfile(path):
+        return None
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    for _ in range(3):  # the checkpoints/ folder itself, a step folder, an item folder in it
+        if os.path.basename(path) == "checkpoints":
+            return os.path.dirname(path)
+        path = os.path.dirname(path)
+    return None
+
+
+def recorded_config(path: str) -> dict | None:
+    """The config a run recorded in its work directory (RUN_CONFIG), as a dict; `path` as for
+    `run_workdir`. None when there is none or it does not parse (older runs)."""
+    workdir = run_workdir(path) or os.path.abspath(path)
+    try:
+        with open(os.path.join(workdir, RUN_CONFIG), encoding="utf-8") as f:
+            recorded = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def recorded_field(recorded: dict, field: str):
+    """A dotted field ("model.variant") of a recorded config, or None when it is not there."""
+    value = recorded
+    for key in field.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value

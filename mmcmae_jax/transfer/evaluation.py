@@ -66,7 +66,7 @@ def eval_batches(data: ml_collections.ConfigDict, image_size: int, batch_size: i
         data.batch_size, data.image_size, data.num_epochs = 1, image_size, 1
         data.read_threads = min(data.read_threads, 2)  # grain prefetches 2 x batch_size elements
     frames = []
-    for frame in pipeline_from_config(data, train=False, shard_index=0, shard_count=1):
+    for frame in pipeline_from_config(data, train=False, shard_index=0, shard_count=1, name="config.eval_data"):
         frames.append(frame)
         if len(frames) == batch_size:
             yield _stack(frames, batch_size)
@@ -165,8 +165,62 @@ def write_results(results: dict, path: str):
         json.dump(results, f, indent=1)
 
 
+def _shape_fields(task: str, pos_embed) -> tuple:
+    """The config fields, besides the task, that decide a fine-tuned model's parameter shapes: the
+    encoder, the head, the classes of segmentation, the image size with learned positions only."""
+    fields = ("model.variant", "model.pos_embed", "model.use_cls_token", "head.kind", "head.features",
+              "head.reassemble_dims")
+    if task == "segmentation":
+        fields += ("num_classes",)
+    if pos_embed == "learned":
+        fields += ("model.image_size",)
+    return fields
+
+
+def _config_value(config, field: str):
+    """A dotted field of `config`, as config.json records it (tuples as lists)."""
+    value = config
+    for key in field.split("."):
+        value = value[key]
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _override(field: str, value) -> str:
+    """The command-line flag that sets `field` to a recorded `value`."""
+    if isinstance(value, list):  # a tuple field: quoted for the shell
+        return f"--config.{field}='({','.join(map(str, value))})'"
+    return f"--config.{field}={value}"
+
+
+def check_recorded_config(config, workdir: str):
+    """Raise ConfigError when `config` would not build the model `workdir` was fine-tuned as (its
+    config.json), before restoring: otherwise Flax stops with a raw ScopeParamShapeError. A work
+    directory without config.json (an older run) is not checked."""
+    from mmcmae_jax.config import ConfigError
+    from mmcmae_jax.train.checkpoint import recorded_config, recorded_field
+    recorded = recorded_config(workdir)
+    if recorded is None:
+        return
+    task = recorded_field(recorded, "task")
+    if task is not None and task != config.task:
+        raise ConfigError(f"{workdir!r} was fine-tuned for {task} (task={task!r} in its config.json) but "
+                          f"the config is for {config.task} (config.task={config.task!r}): evaluate it with "
+                          f"the config it was fine-tuned with")
+    fields = _shape_fields(config.task, recorded_field(recorded, "model.pos_embed"))
+    differ = [f for f in fields if recorded_field(recorded, f) not in (None, _config_value(config, f))]
+    if differ:
+        given = ", ".join(f"config.{f}={_config_value(config, f)!r}" for f in differ)
+        overrides = " ".join(_override(f, recorded_field(recorded, f)) for f in differ)
+        raise ConfigError(f"{workdir!r} was fine-tuned as another {config.task} model than the config's "
+                          f"({given}): evaluate it with the config it was fine-tuned with, or add "
+                          f"{overrides} (from its config.json)")
+
+
 def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | None = None) -> dict:
     """Evaluate a fine-tuning checkpoint (the latest by default), print the table, write the JSON."""
+    from mmcmae_jax.transfer.splits import require_labelled_frames
+    check_recorded_config(config, workdir)
+    require_labelled_frames(config, "eval_data")
     params, step = load_params(workdir, step)
     results = evaluate(config, params)
     results.update(step=step, workdir=os.path.abspath(workdir), eval_data=config.eval_data.path or "procedural")

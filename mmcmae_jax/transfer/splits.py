@@ -7,6 +7,9 @@ which keeps the curve of a data-efficient study free of resampling noise.
 
 The chosen records are copied, unchanged, into shards of the same format in a subset directory with a
 `subset.json` manifest, and the ordinary pipeline reads them; a matching manifest is reused.
+
+A frame is labelled when its record holds a label map (`is_labelled`); segmentation chooses among those,
+and refuses at start a training or evaluation set without one (`require_labelled_frames`).
 """
 from __future__ import annotations
 
@@ -15,9 +18,64 @@ import json
 import math
 import os
 
+from mmcmae_jax.config import ConfigError
 from mmcmae_jax.data import records, schema
+from mmcmae_jax.data.errors import RecordError
 
 MANIFEST = "subset.json"
+
+
+def is_labelled(ex: schema.RGBDExample) -> bool:
+    """Whether a frame can teach segmentation: its record holds a label map."""
+    return ex.label is not None
+
+
+def parsed_records(paths, fmt: str | None = None, skip_bad_records: bool = False):
+    """(record bytes, parsed example) of every record of `paths`, in order; images are not decoded.
+    fmt None: each file's format from its name. skip_bad_records: pass over records that do not parse,
+    and over the rest of a file that cannot be read on (as the pipeline skips them)."""
+    for path in paths:
+        try:
+            for index, data in enumerate(records.read_records(path, fmt)):
+                try:
+                    ex = schema.parse_example(data, path=path, record=index)
+                except RecordError:
+                    if not skip_bad_records:
+                        raise
+                    continue
+                yield data, ex
+        except RecordError:
+            if not skip_bad_records:
+                raise
+
+
+def has_labelled_frame(paths_or_pattern, fmt: str | None = None, skip_bad_records: bool = False) -> bool:
+    """Whether any record of `paths_or_pattern` holds a label map.
+
+    It stops at the first labelled record: one record on a labelled set. Only a set with no label
+    map at all is read to its end, parsing each record but decoding no image (about the cost of one
+    of the two passes `write_label_fraction` makes); that is the set a segmentation run would
+    otherwise train on for all its steps with a loss of 0."""
+    paths = records.expand_paths(paths_or_pattern)
+    return any(is_labelled(ex) for _, ex in parsed_records(paths, fmt, skip_bad_records))
+
+
+def require_labelled_frames(config, field: str = "data"):
+    """For segmentation, raise ConfigError naming config.<field>.path when its records hold no label
+    map: every pixel would be ignored, so training would learn nothing (loss 0) and evaluation would
+    measure nothing. The procedural set (empty path) is labelled throughout."""
+    data = config[field]
+    if config.task != "segmentation" or not data.path:
+        return
+    fmt = None if data.format == "auto" else data.format
+    try:
+        labelled = has_labelled_frame(data.path, fmt, data.skip_bad_records)
+    except FileNotFoundError as err:  # as the pipeline would say it: name the field that gave the path
+        raise ConfigError(f"config.{field}.path={data.path!r}: {err}") from None
+    if not labelled:
+        raise ConfigError(f"config.{field}.path={data.path!r}: no record there holds a label map, and "
+                          f"segmentation learns and is measured on labelled pixels only; give records "
+                          f"converted with their labels (docs/data.md)")
 
 
 def frame_rank(seed: int, source: str, frame_id: str) -> int:
@@ -49,6 +107,7 @@ def write_label_fraction(paths_or_pattern, out_dir: str, fraction: float, seed: 
     """
     paths = records.expand_paths(paths_or_pattern)
     fmt = records.detect_format(paths[0])
+    labelled = is_labelled if labelled_only else (lambda ex: True)
     request = {"inputs": [os.path.abspath(p) for p in paths], "fraction": fraction, "seed": seed,
                "labelled_only": labelled_only}
     manifest_path = os.path.join(out_dir, MANIFEST)
@@ -58,14 +117,8 @@ def write_label_fraction(paths_or_pattern, out_dir: str, fraction: float, seed: 
         if {k: manifest.get(k) for k in request} == request and all(os.path.exists(p) for p in manifest["shards"]):
             return manifest
 
-    keys, candidates = [], 0
-    for path in paths:
-        for index, data in enumerate(records.read_records(path, fmt)):
-            ex = schema.parse_example(data, path=path, record=index)
-            if labelled_only and ex.label is None:
-                continue
-            keys.append((ex.source, ex.frame_id))
-            candidates += 1
+    keys = [(ex.source, ex.frame_id) for _, ex in parsed_records(paths, fmt) if labelled(ex)]
+    candidates = len(keys)
     if not keys:
         raise ValueError(f"no {'labelled ' if labelled_only else ''}frames in {paths_or_pattern!r} to choose from")
     chosen = choose_frames(keys, fraction, seed)
@@ -75,12 +128,10 @@ def write_label_fraction(paths_or_pattern, out_dir: str, fraction: float, seed: 
     writers = [records.open_writer(p, fmt) for p in shards]
     written = 0
     try:
-        for path in paths:
-            for index, data in enumerate(records.read_records(path, fmt)):
-                ex = schema.parse_example(data, path=path, record=index)
-                if (ex.source, ex.frame_id) in chosen and not (labelled_only and ex.label is None):
-                    writers[written % num_shards].write(data)
-                    written += 1
+        for data, ex in parsed_records(paths, fmt):
+            if (ex.source, ex.frame_id) in chosen and labelled(ex):
+                writers[written % num_shards].write(data)
+                written += 1
     finally:
         for writer in writers:
             writer.close()

@@ -79,7 +79,8 @@ def find_pytree_dir(path: str, step=None) -> str:
     path = os.path.abspath(path)
     if _is_pytree_dir(path):
         return path
-    if os.path.isdir(path) and _step_item(path):  # a step folder
+    # A step folder (named by its step: a work directory can hold PyTree items too, e.g. frozen_encoder/).
+    if os.path.basename(path).isdigit() and os.path.isdir(path) and _step_item(path):
         return _step_item(path)
     nested = os.path.join(path, "checkpoints")  # a trainer work directory
     if os.path.isdir(nested) and not any(n.isdigit() for n in os.listdir(path)):

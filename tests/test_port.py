@@ -291,6 +291,18 @@ def pretrain_workdir(path, params, variant=RUN_VARIANT, image_size=RUN_SIZE, ste
     return str(path)
 
 
+def test_checkpoint_forms_find_the_train_state_not_another_item(tmp_path):
+    """A work directory, its checkpoints/, a step folder and the item itself all lead to the train state,
+    also when the work directory holds another PyTree (a linear probe's frozen_encoder/)."""
+    from mmcmae_jax.train.checkpoint import find_pytree_dir
+    from mmcmae_jax.transfer.evaluation import save_frozen_encoder
+    workdir = pretrain_workdir(tmp_path / "run", stage1_params(RUN_VARIANT))
+    save_frozen_encoder(workdir, {"x": np.zeros(2)})
+    state = os.path.join(workdir, "checkpoints", "2", "state")
+    for inside in ("", "checkpoints", "checkpoints/2", "checkpoints/2/state"):
+        assert find_pytree_dir(os.path.join(workdir, inside)) == state, inside
+
+
 def assert_state_dicts_equal(written, expected):
     assert written.keys() == expected.keys()
     for k in expected:

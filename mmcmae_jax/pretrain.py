@@ -50,6 +50,7 @@ def initialize_distributed():
 
 
 def check_workdir(workdir: str) -> None:
+    """Refuse a --workdir that is a file, before anything is written (pretrain and finetune)."""
     from mmcmae_jax.config import ConfigError
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir}: is a file, not a directory")

@@ -112,7 +112,7 @@ def stage1_start(config, objective, name: str = "stage2"):
                          "work directory (or set config.objective.weights.distill=0)")
     if stage2 and not config.init_from and not config.init_from_mae:
         # Right for the baselines (MAE, MultiMAE-, Mask3D-style), wrong for M3 and its ablations: say so.
-        print(f"[{name}] both encoders start from random weights: config.init_from and config.init_from_mae "
+        print(f"[{name}] the encoders start from random weights: config.init_from and config.init_from_mae "
               "are empty (M3's stage 2 and its ablations start from stage 1: --config.init_from=W/stage1)",
               flush=True)
     stage1 = restore_params(config.init_from) if stage2 and config.init_from else None

@@ -150,4 +150,4 @@ def test_stage2_from_random_weights_says_so(capsys):
     config.objective.weights.distill = 0.0
     frozen, initial_params = stage1_start(config, make_objective(config), "m3_no_distill")
     assert frozen is None and initial_params is None
-    assert "[m3_no_distill] both encoders start from random weights" in capsys.readouterr().out
+    assert "[m3_no_distill] the encoders start from random weights" in capsys.readouterr().out

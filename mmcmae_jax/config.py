@@ -32,11 +32,12 @@ def model_config() -> ml_collections.ConfigDict:
 def objective_config(stage: int) -> ml_collections.ConfigDict:
     """Stage 1: patch-level contrastive. Stage 2: masked depth reconstruction + denoising + distillation.
 
-    A loss term is on when its weight is positive, so baselines and ablations are configs:
-      MAE:             inputs=(rgb,),       targets=(rgb,),       denoise=0, distill=0
-      MultiMAE-style:  inputs=(rgb, depth), targets=(rgb, depth), denoise=0, distill=0
-      Mask3D-style:    inputs=(rgb, depth), targets=(depth,),     denoise=0, distill=0
-      M3:              inputs=(rgb, depth), targets=(depth,),     denoise=1, distill=1 (after stage 1)
+    A loss term is on when its weight is positive; the noise on the depth input and the embedding of its
+    level are switches of their own. So baselines and ablations are configs (OBJECTIVES below):
+      MAE:             inputs=(rgb,),       targets=(rgb,),       no noise, denoise=0, distill=0
+      MultiMAE-style:  inputs=(rgb, depth), targets=(rgb, depth), no noise, denoise=0, distill=0
+      Mask3D-style:    inputs=(rgb, depth), targets=(depth,),     no noise, denoise=0, distill=0
+      M3:              inputs=(rgb, depth), targets=(depth,),     noise,    denoise=1, distill=1 (after stage 1)
     """
     return ml_collections.ConfigDict(dict(
         stage=stage,
@@ -58,11 +59,25 @@ def objective_config(stage: int) -> ml_collections.ConfigDict:
         mask_ratio=ml_collections.ConfigDict(dict(rgb=0.8, depth=0.8)),
         mask_mode="independent",  # "independent", "shared", or "dirichlet" (one budget split, MultiMAE)
         dirichlet_alpha=1.0,
-        sigma_max=1.0,            # noise level, in units of standardised depth
-        sigma_distribution="uniform",  # "uniform" on [0, sigma_max], or "lognormal" clipped at sigma_max
+        # Reconstruction targets (rgb and depth patches) normalised per patch to zero mean and unit
+        # variance over the patch's valid values: MAE's norm_pix_loss, which MAE and MultiMAE publish with.
+        norm_pix_targets=False,
+        # Gaussian noise x_depth + sigma*e on the depth input, sigma drawn per example. Three separate
+        # switches: the noise itself (depth_noise), sigma embedded like a diffusion timestep and added to
+        # the encoded depth tokens (sigma_embedding, needs the noise), and the loss that predicts the noise
+        # on the visible patches (weights.denoise, needs the noise).
+        depth_noise=True,
+        sigma_embedding=True,
+        sigma_max=1.0,            # largest noise level, in units of standardised depth
+        # "uniform": sigma ~ U[0, sigma_max]; "lognormal": log sigma ~ N(sigma_lognormal_mean,
+        # sigma_lognormal_std^2), clipped at sigma_max (with these defaults its median is exp(-1.2) = 0.30).
+        sigma_distribution="uniform",
         sigma_lognormal_mean=-1.2,
         sigma_lognormal_std=1.2,
         distill_beta=1.0,         # smooth-L1 threshold
+        # What the frozen stage-1 teacher encodes: "full", the full clean frame; "visible", only the
+        # student's visible patches of that modality (clean), so both pool over the same patches.
+        distill_teacher_input="full",
         weights=ml_collections.ConfigDict(dict(
             contrastive=1.0 if stage == 1 else 0.0,
             depth=1.0,            # alpha
@@ -150,13 +165,23 @@ def validate_objective(obj: ml_collections.ConfigDict):
     for m in targets:
         _check(obj.weights[m] > 0, f"objective.weights.{m}", f"target {m!r} is reconstructed, so its weight must be > 0")
     _check(obj.mask_mode in ("independent", "shared", "dirichlet"), "objective.mask_mode", f"{obj.mask_mode!r} unknown")
-    if obj.weights.denoise > 0:
-        _check("depth" in inputs and "depth" in targets, "objective.weights.denoise",
-               "denoising needs depth as an input and a target")
+    no_noise = "objective.depth_noise=False, objective.sigma_embedding=False, objective.weights.denoise=0"
+    if obj.depth_noise:
+        _check("depth" in inputs, "objective.depth_noise",
+               f"noise is added to the depth input, but depth is not among the inputs {inputs}; set {no_noise}")
         _check(obj.sigma_max > 0, "objective.sigma_max", f"must be positive, got {obj.sigma_max}")
         _check(obj.sigma_distribution in ("uniform", "lognormal"), "objective.sigma_distribution",
                f"{obj.sigma_distribution!r} is not 'uniform' or 'lognormal'")
+    _check(obj.depth_noise or not obj.sigma_embedding, "objective.sigma_embedding",
+           "embeds the depth noise level, but objective.depth_noise=False adds no noise; set both, or neither")
+    if obj.weights.denoise > 0:
+        _check(obj.depth_noise, "objective.weights.denoise",
+               "the denoising loss predicts the noise on the depth input: it needs objective.depth_noise=True")
+        _check("depth" in targets, "objective.weights.denoise",
+               f"the depth head predicts the noise, but depth is not among the targets {targets}; set {no_noise}")
     _check(obj.distill_beta > 0, "objective.distill_beta", f"must be positive, got {obj.distill_beta}")
+    _check(obj.distill_teacher_input in ("full", "visible"), "objective.distill_teacher_input",
+           f"{obj.distill_teacher_input!r} is not 'full' or 'visible'")
     _check(obj.dirichlet_alpha > 0, "objective.dirichlet_alpha", f"must be positive, got {obj.dirichlet_alpha}")
 
 
@@ -212,14 +237,28 @@ PRESETS = {
     "vit_l16": ("L/16", 256, 100_000),
 }
 
-# The baselines and ablations, as changes to the stage-2 objective (see objective_config).
+# The baselines and ablations, as changes to the stage-2 objective (see objective_config). The paper's
+# ablation rows: contrastive only = stage 1 alone (configs/m3_contrastive_only.py); + reconstruction =
+# m3_recon_only; + distill = m3_no_denoise; + denoise = m3_no_distill; all = m3 ("all" scores above
+# "+ denoise", so the rows are not cumulative). The m3_* objectives start from stage 1 (config.init_from,
+# required where they distil); the baselines from random weights or ImageNet MAE.
+_CLEAN_DEPTH = dict(depth_noise=False, sigma_embedding=False)
 OBJECTIVES = {
     "m3": {},
-    "m3_no_denoise": dict(weights=dict(denoise=0.0)),
+    "m3_no_denoise": dict(**_CLEAN_DEPTH, weights=dict(denoise=0.0)),
     "m3_no_distill": dict(weights=dict(distill=0.0)),
-    "mae": dict(inputs=("rgb",), targets=("rgb",), weights=dict(denoise=0.0, distill=0.0)),
-    "multimae": dict(inputs=("rgb", "depth"), targets=("rgb", "depth"), weights=dict(denoise=0.0, distill=0.0)),
-    "mask3d": dict(inputs=("rgb", "depth"), targets=("depth",), weights=dict(denoise=0.0, distill=0.0)),
+    "m3_recon_only": dict(**_CLEAN_DEPTH, weights=dict(denoise=0.0, distill=0.0)),
+    # Noise on the depth input and sigma embedded, without the loss that predicts the noise: separates
+    # noise as input corruption from denoising as a task.
+    "m3_noise_only": dict(weights=dict(denoise=0.0)),
+    "mae": dict(inputs=("rgb",), targets=("rgb",), **_CLEAN_DEPTH, weights=dict(denoise=0.0, distill=0.0)),
+    "mae_norm_pix": dict(inputs=("rgb",), targets=("rgb",), norm_pix_targets=True, **_CLEAN_DEPTH,
+                         weights=dict(denoise=0.0, distill=0.0)),
+    "multimae": dict(inputs=("rgb", "depth"), targets=("rgb", "depth"), **_CLEAN_DEPTH,
+                     weights=dict(denoise=0.0, distill=0.0)),
+    "multimae_norm_pix": dict(inputs=("rgb", "depth"), targets=("rgb", "depth"), norm_pix_targets=True,
+                              **_CLEAN_DEPTH, weights=dict(denoise=0.0, distill=0.0)),
+    "mask3d": dict(inputs=("rgb", "depth"), targets=("depth",), **_CLEAN_DEPTH, weights=dict(denoise=0.0, distill=0.0)),
 }
 
 

@@ -1,6 +1,9 @@
 """The four M3 losses, as plain functions of arrays. Every loss is computed in float32.
 
 Shapes: B examples, N patches, E embedding channels, Q = P*P*C values per patch.
+
+Beside each loss, what a trivial prediction scores on the same batch (the last section): the trainer
+logs it next to the loss, so a logged loss reads against what a model that learned nothing would get.
 """
 from __future__ import annotations
 
@@ -91,3 +94,83 @@ def smooth_l1_distill(student: jax.Array, teacher: jax.Array, beta: float = 1.0)
     diff = student.astype(jnp.float32) - jax.lax.stop_gradient(teacher).astype(jnp.float32)
     absdiff = jnp.abs(diff)
     return jnp.mean(jnp.where(absdiff < beta, 0.5 * jnp.square(diff) / beta, absdiff - 0.5 * beta))
+
+
+def normalize_patches(patches: jax.Array, pixel_valid: jax.Array | None = None, eps: float = 1e-6) -> jax.Array:
+    """Each patch to zero mean and unit variance over its valid values: the reconstruction target of
+    MAE's norm_pix_loss (and MultiMAE's), for depth over the measured pixels only.
+
+    patches: (B, N, Q); pixel_valid: (B, N, Q) or None (every value valid). With n_bi = sum_q v_biq,
+
+        mu_bi  = sum_q v_biq x_biq / n_bi
+        var_bi = sum_q v_biq (x_biq - mu_bi)^2 / (n_bi - 1)       (unbiased, as torch.var in MAE)
+        x'_biq = (x_biq - mu_bi) / sqrt(var_bi + eps)              where v_biq = 1, else 0
+
+    A patch with one valid value becomes 0 there; one with none stays 0 (no loss reads it).
+    """
+    x = patches.astype(jnp.float32)
+    valid = jnp.ones(x.shape, bool) if pixel_valid is None else pixel_valid.astype(bool)
+    x = jnp.where(valid, x, 0.0)  # an invalid value (even NaN) enters neither the mean nor the variance
+    count = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+    mean = jnp.sum(x, axis=-1, keepdims=True) / jnp.maximum(count, 1.0)
+    centred = jnp.where(valid, x - mean, 0.0)
+    var = jnp.sum(jnp.square(centred), axis=-1, keepdims=True) / jnp.maximum(count - 1.0, 1.0)
+    return centred / jnp.sqrt(var + eps)
+
+
+# What a trivial prediction scores. Each takes the loss's own targets, masks and options, so it is the
+# value of that loss for a model that learned nothing from the input; none depends on parameters.
+
+def zero_noise_denoising_loss(added_noise: jax.Array, mask: jax.Array, pixel_valid: jax.Array) -> jax.Array:
+    """L_denoise of predicting no noise: the mean of (sigma*e)^2 over the visible valid depth pixels,
+    about E[sigma^2] (1/3 for sigma ~ U[0, 1])."""
+    return denoising_loss(jnp.zeros(added_noise.shape, jnp.float32), added_noise, mask, pixel_valid)
+
+
+def image_mean_reconstruction_loss(target: jax.Array, mask: jax.Array, pixel_valid: jax.Array | None = None,
+                                   channels: int = 1) -> jax.Array:
+    """L_depth or L_rgb of predicting, everywhere, each image's mean target per channel.
+
+    target: (B, N, Q) with Q = P*P*channels, channels last within a patch (`patchify`); mask: (B, N), 1 on
+    the patches the loss reads; pixel_valid: (B, N, Q) or None. The mean runs over every valid value of
+    the image (masked and visible patches alike), per channel c:
+
+        m_bc = sum_{i,p} v_bipc t_bipc / sum_{i,p} v_bipc
+        L = masked_patch_mse(m_bc broadcast to (B, N, Q), target, mask, pixel_valid)
+    """
+    batch, num_patches, values = target.shape
+    by_channel = (batch, num_patches * values // channels, channels)
+    t = target.astype(jnp.float32).reshape(by_channel)
+    v = (jnp.ones(by_channel, jnp.float32) if pixel_valid is None
+         else pixel_valid.astype(jnp.float32).reshape(by_channel))
+    t = jnp.where(v > 0, t, 0.0)
+    image_mean = jnp.sum(t, axis=1, keepdims=True) / jnp.maximum(jnp.sum(v, axis=1, keepdims=True), 1.0)
+    prediction = jnp.broadcast_to(image_mean, by_channel).reshape(target.shape)
+    return masked_patch_mse(prediction, target, mask, pixel_valid)
+
+
+def uniform_info_nce(patch_valid: jax.Array, negatives: str = "image") -> jax.Array:
+    """`patch_info_nce` of equal similarities everywhere: the log of each anchor's number of candidates,
+    averaged over the valid anchors as the loss averages.
+
+    patch_valid: (B, N). With n_b the valid patches of image b and n = sum_b n_b,
+        negatives="batch":  L = log n
+        negatives="image":  L = sum_b n_b log n_b / n
+    With no valid patch it is 0, as the loss.
+    """
+    per_image = jnp.sum(patch_valid.astype(jnp.float32), axis=1)
+    total = jnp.sum(per_image)
+    if negatives == "batch":
+        return jnp.log(jnp.maximum(total, 1.0))
+    if negatives != "image":
+        raise ValueError(f"negatives must be 'image' or 'batch', got {negatives!r}")
+    return jnp.sum(per_image * jnp.log(jnp.maximum(per_image, 1.0))) / jnp.maximum(total, 1.0)
+
+
+def batch_mean_distill_loss(teacher: jax.Array, beta: float = 1.0) -> jax.Array:
+    """L_distill of predicting, for every example, the teacher features' batch mean (per feature).
+
+    teacher: (B, D).  L = smooth_l1_distill(mean_b teacher_b broadcast to (B, D), teacher, beta)
+    """
+    teacher = jax.lax.stop_gradient(teacher).astype(jnp.float32)
+    return smooth_l1_distill(jnp.broadcast_to(jnp.mean(teacher, axis=0, keepdims=True), teacher.shape), teacher, beta)

@@ -6,7 +6,9 @@ The loss has one signature for every stage, so the trainer never asks which stag
 
 `params` are trained; `frozen` holds the stage-1 encoders used as distillation teachers (an empty dict
 when there is no teacher) and never receives a gradient. `batch` follows the data contract: `rgb`
-(B,H,W,3) normalised, `depth` (B,H,W,1) standardised, `depth_valid` (B,H,W,1) in {0, 1}.
+(B,H,W,3) normalised, `depth` (B,H,W,1) standardised, `depth_valid` (B,H,W,1) in {0, 1}. `metrics`
+holds each loss term by name and, as `<term>_trivial`, what a prediction that learned nothing scores on
+the same batch (losses.py, last section), computed in the step at the cost of a few reductions.
 """
 from __future__ import annotations
 
@@ -93,6 +95,7 @@ def _stage1(model_cfg, obj) -> Objective:
                                            obj.negatives, jnp.roll(valid, 1, axis=0))
         return obj.weights.contrastive * contrastive, {
             "contrastive": contrastive, "contrastive_other_frame": jax.lax.stop_gradient(mismatched),
+            "contrastive_trivial": losses.uniform_info_nce(valid, obj.negatives),
             # The share of patches that take part; a data set with little depth shows it here.
             "contrastive_valid_patches": jnp.mean(valid.astype(jnp.float32))}
 
@@ -104,63 +107,78 @@ def _stage1(model_cfg, obj) -> Objective:
 
 def _stage2(model_cfg, obj) -> Objective:
     inputs, targets = tuple(obj.inputs), tuple(obj.targets)
+    # Three switches (config.validate_objective checks that they fit together): noise on the depth input,
+    # its level embedded into the depth tokens, and the loss that predicts the noise.
     denoise, distill = obj.weights.denoise > 0, obj.weights.distill > 0
     model = MultiModalMAE(modalities=inputs, targets=targets, decoder_depth=model_cfg.decoder_depth,
                           decoder_width=model_cfg.decoder_width, decoder_heads=model_cfg.decoder_heads,
-                          use_sigma_embedding=denoise, **_encoder_kwargs(model_cfg))
+                          use_sigma_embedding=obj.sigma_embedding, **_encoder_kwargs(model_cfg))
     teacher = ViTEncoder(**_encoder_kwargs(model_cfg)) if distill else None
     patch = parse_variant(model_cfg.variant).patch_size
+
+    def sample_masks(rng, batch):
+        num_patches = (batch["rgb"].shape[1] // patch) * (batch["rgb"].shape[2] // patch)
+        return multimodal_masks(rng, batch["rgb"].shape[0], {m: num_patches for m in inputs},
+                                {m: obj.mask_ratio[m] for m in inputs}, obj.mask_mode, obj.dirichlet_alpha)
 
     def run(params, batch, rng):
         """Noise the depth, mask every input, run the model. Returns (out, masks, added_noise, sigma)."""
         rng_mask, rng_sigma, rng_noise = jax.random.split(rng, 3)
-        batch_size, height, width = batch["rgb"].shape[:3]
         images = {m: batch[m] for m in inputs}
         sigma = added_noise = None
-        if denoise:
-            sigma = sample_sigma(rng_sigma, batch_size, obj)
+        if obj.depth_noise:
+            sigma = sample_sigma(rng_sigma, batch["depth"].shape[0], obj)
             # Noise only where depth is valid: holes stay holes (0), as the sensor gives them.
             added_noise = (sigma[:, None, None, None] * jax.random.normal(rng_noise, batch["depth"].shape)
                            * batch["depth_valid"])
             images["depth"] = batch["depth"] + added_noise
-        num_patches = (height // patch) * (width // patch)
-        masks = multimodal_masks(rng_mask, batch_size, {m: num_patches for m in inputs},
-                                 {m: obj.mask_ratio[m] for m in inputs}, obj.mask_mode, obj.dirichlet_alpha)
+        masks = sample_masks(rng_mask, batch)
         return model.apply({"params": params}, images, masks, sigma), masks, added_noise, sigma
 
     def init(rng, batch):
         rng_init, rng_fwd = jax.random.split(rng)
-        images = {m: batch[m] for m in inputs}
-        num_patches = (batch["rgb"].shape[1] // patch) * (batch["rgb"].shape[2] // patch)
-        masks = multimodal_masks(rng_fwd, batch["rgb"].shape[0], {m: num_patches for m in inputs},
-                                 {m: obj.mask_ratio[m] for m in inputs}, obj.mask_mode, obj.dirichlet_alpha)
-        sigma = jnp.zeros(batch["rgb"].shape[:1]) if denoise else None
-        return model.init(rng_init, images, masks, sigma)["params"]
+        sigma = jnp.zeros(batch["rgb"].shape[:1]) if obj.sigma_embedding else None
+        return model.init(rng_init, {m: batch[m] for m in inputs}, sample_masks(rng_fwd, batch), sigma)["params"]
+
+    def reconstruction_target(images, pixel_valid=None):
+        target = patchify(images, patch)
+        return losses.normalize_patches(target, pixel_valid) if obj.norm_pix_targets else target
 
     def loss_fn(params, frozen, batch, rng):
         out, masks, added_noise, sigma = run(params, batch, rng)
         batch_size, num_patches = out["pred"][targets[0]].shape[:2]
         everything = jnp.ones((batch_size, num_patches))  # a target that is no input is hidden everywhere
-        terms = {}
+        # terms: the losses; trivial: what a prediction that learned nothing scores on the same batch.
+        terms, trivial = {}, {}
         if "depth" in targets:
             depth_valid = patchify(batch["depth_valid"], patch)
             depth_mask = masks["depth"].mask if "depth" in inputs else everything
-            terms["depth"] = losses.depth_reconstruction_loss(
-                out["pred"]["depth"], patchify(batch["depth"], patch), depth_mask, depth_valid)
+            depth_target = reconstruction_target(batch["depth"], depth_valid)
+            terms["depth"] = losses.depth_reconstruction_loss(out["pred"]["depth"], depth_target, depth_mask,
+                                                              depth_valid)
+            trivial["depth"] = losses.image_mean_reconstruction_loss(depth_target, depth_mask, depth_valid)
             if denoise:
-                terms["denoise"] = losses.denoising_loss(
-                    out["pred"]["depth"], patchify(added_noise, patch), masks["depth"].mask, depth_valid)
+                noise_target = patchify(added_noise, patch)
+                terms["denoise"] = losses.denoising_loss(out["pred"]["depth"], noise_target, masks["depth"].mask,
+                                                         depth_valid)
+                trivial["denoise"] = losses.zero_noise_denoising_loss(noise_target, masks["depth"].mask, depth_valid)
         if "rgb" in targets:
             rgb_mask = masks["rgb"].mask if "rgb" in inputs else everything
-            terms["rgb"] = losses.masked_patch_mse(out["pred"]["rgb"], patchify(batch["rgb"], patch), rgb_mask)
+            rgb_target = reconstruction_target(batch["rgb"])
+            terms["rgb"] = losses.masked_patch_mse(out["pred"]["rgb"], rgb_target, rgb_mask)
+            trivial["rgb"] = losses.image_mean_reconstruction_loss(rgb_target, rgb_mask, channels=3)
         if distill:
-            terms["distill"] = sum(
-                losses.smooth_l1_distill(out["pooled"][m], _teacher_features(teacher, frozen[f"{m}_encoder"],
-                                                                             batch[m], model_cfg), obj.distill_beta)
-                for m in inputs)
+            teacher_features = {m: _teacher_features(teacher, frozen[f"{m}_encoder"], batch[m], model_cfg,
+                                                     masks[m] if obj.distill_teacher_input == "visible" else None)
+                                for m in inputs}
+            terms["distill"] = sum(losses.smooth_l1_distill(out["pooled"][m], teacher_features[m], obj.distill_beta)
+                                   for m in inputs)
+            trivial["distill"] = sum(losses.batch_mean_distill_loss(teacher_features[m], obj.distill_beta)
+                                     for m in inputs)
         loss = sum(obj.weights[name] * value for name, value in terms.items())
         metrics = dict(terms)
-        if denoise:
+        metrics.update({f"{name}_trivial": jax.lax.stop_gradient(value) for name, value in trivial.items()})
+        if obj.depth_noise:
             metrics["sigma_mean"] = jnp.mean(sigma)
         return loss, metrics
 
@@ -172,10 +190,12 @@ def _stage2(model_cfg, obj) -> Objective:
     return Objective(model, init, loss_fn, forward, teacher)
 
 
-def _teacher_features(teacher, teacher_params, clean_images, model_cfg):
-    """Max-pooled output of a frozen stage-1 encoder on the full, clean, unmasked frame."""
-    tokens, _ = teacher.apply({"params": jax.lax.stop_gradient(teacher_params)}, clean_images)
-    return jax.lax.stop_gradient(max_pool_tokens(drop_cls(tokens, model_cfg.use_cls_token)))
+def _teacher_features(teacher, teacher_params, clean_images, model_cfg, student_mask=None):
+    """Max-pooled output of a frozen stage-1 encoder on the clean frame: all of it (student_mask None),
+    or only the patches the student sees (its Mask: the same keep indices, padded slots left out)."""
+    keep_idx, keep_valid = (None, None) if student_mask is None else (student_mask.keep_idx, student_mask.keep_valid)
+    tokens, _ = teacher.apply({"params": jax.lax.stop_gradient(teacher_params)}, clean_images, keep_idx, keep_valid)
+    return jax.lax.stop_gradient(max_pool_tokens(drop_cls(tokens, model_cfg.use_cls_token), keep_valid))
 
 
 def teacher_params_from_stage1(stage1_params: dict, inputs=("rgb", "depth")) -> dict:

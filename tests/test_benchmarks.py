@@ -108,72 +108,61 @@ def test_step_flops_scale_with_the_batch_and_follow_the_work():
     assert loss_and_grad_flops(mae, 4, 32, mae_inputs) < loss_and_grad_flops(no_distill, 4, 32, inputs) < four
 
 
-def test_ablation_plan_gives_every_objective_m3s_compute():
-    import ablation
-    s = ablation.settings(smoke=True)
-    flops = {"stage1": 10.0, "m3": 4.0, "m3_no_denoise": 3.9, "mae": 1.0, "mask3d": 2.5, "multimae": 3.0}
-    plan, budget = ablation.pretrain_plan(s, flops)
+def test_study_plan_gives_every_baseline_m3s_compute():
+    import pretraining_study as study
+    s = study.settings("smoke")
+    flops = {"stage1": 10.0, "m3": 4.0, "m3_recon_only": 3.5, "mae": 1.0, "mask3d": 2.5, "multimae": 3.0}
+    arms = ("scratch", "mae", "mask3d", "multimae", "contrastive", "stage1", "recon", "m3")
+    plan, budget = study.pretrain_plan(s, flops, arms)
     assert budget == 10.0 * s["stage1_steps"] + 4.0 * s["stage2_steps"]
-    assert set(plan) == set(ablation.OBJECTIVES + ablation.DIAGNOSTICS) and plan["scratch"] == []
-    for name, runs in plan.items():
-        if name in ("scratch", "m3_no_denoise") + ablation.DIAGNOSTICS:
-            continue
-        spent = sum(flops["stage1" if stage == 1 else key] * steps for stage, key, steps in runs)
-        cheapest_step = min(flops["stage1" if stage == 1 else key] for stage, key, _ in runs)
-        assert abs(spent - budget) <= cheapest_step / 2 + 1e-9, (name, spent, budget)
-    assert plan["m3_no_denoise"][0] == plan["m3"][0] == (1, "m3", s["stage1_steps"])  # one shared stage 1
-    assert plan["m3_stage1"] == [plan["m3"][0]]  # the diagnostic is M3's own stage 1, nothing more
+    assert plan["scratch"] == []
+    for name in ("mae", "mask3d", "multimae", "contrastive"):  # equal compute
+        spent = sum(flops["stage1" if stage == 1 else key] * steps for stage, key, steps in plan[name])
+        assert abs(spent - budget) <= max(flops.values()) / 2, (name, spent, budget)
+    # The ablation arms share one stage 1 and differ in stage 2 only.
+    assert plan["stage1"] == [plan["m3"][0]] == [plan["recon"][0]] == [(1, "", s["stage1_steps"])]
+    assert plan["recon"][1] == (2, "m3_recon_only", s["stage2_steps"])
 
 
-def test_ablation_workdir_refuses_runs_made_with_other_settings(tmp_path):
-    import ablation
-    s = ablation.settings(smoke=True)
-    ablation.claim_workdir(str(tmp_path), s)
-    ablation.claim_workdir(str(tmp_path), dict(s))  # the same settings again: its runs are re-used
+def test_study_workdir_refuses_runs_made_with_other_settings(tmp_path):
+    import pretraining_study as study
+    s = study.settings("smoke")
+    study.claim_workdir(str(tmp_path), s)
+    study.claim_workdir(str(tmp_path), dict(s))  # the same settings again: its runs are re-used
     with pytest.raises(SystemExit, match=r"stage1_steps: 3 there, 7 now.*give a new --workdir"):
-        ablation.claim_workdir(str(tmp_path), dict(s, stage1_steps=7))
-    # A directory from before settings.json existed: its results.json holds the settings, without the
-    # learning rates, which were 5e-4 then.
-    legacy = tmp_path / "legacy"
-    legacy.mkdir()
-    before = {k: v for k, v in s.items() if k not in ("pretrain_lr", "m3_stage2_lr")}
-    (legacy / "results.json").write_text(json.dumps({"settings": before, "results": {}}))
-    with pytest.raises(SystemExit, match="m3_stage2_lr: 0.0005 there, 0.0001 now"):
-        ablation.claim_workdir(str(legacy), dict(s, m3_stage2_lr=1e-4))
-    with pytest.raises(SystemExit, match="stage2_steps: 3 there, 9 now"):
-        ablation.claim_workdir(str(legacy), dict(s, stage2_steps=9))
-    ablation.claim_workdir(str(legacy), s)
-    assert json.loads((legacy / "settings.json").read_text()) == s
+        study.claim_workdir(str(tmp_path), dict(s, stage1_steps=7))
+    assert study.settings("quick") == study.settings("full")  # a quick run grows into a full one
 
 
-def test_ablation_verdict_respects_the_direction_of_each_metric():
-    import ablation
+def test_study_verdict_needs_three_spreads_and_respects_each_metrics_direction():
+    import pretraining_study as study
+    scratch = np.array([0.50, 0.52, 0.48])  # sample std 0.02
+    assert study.verdict(scratch + 0.07, scratch, True)[2] == "holds"          # 0.07 > 3 x 0.02
+    assert study.verdict(scratch + 0.05, scratch, True)[2] == "within noise"
+    assert study.verdict(scratch - 0.07, scratch, True)[2] == "reversed"
+    gain, noise, word = study.verdict(scratch - 0.07, scratch, False)  # lower is better (AbsRel)
+    assert word == "holds" and np.isclose(gain, 0.07) and np.isclose(noise, 0.02)
+    noisy = np.array([0.40, 0.60, 0.70])  # the larger spread of the two arms counts
+    assert study.verdict(noisy, scratch, True)[2] == "within noise"
+    assert study.verdict(scratch[:1] + 1, scratch[:1], True)[2] == "one seed: no spread"
 
-    def metrics(delta1, abs_rel, miou):
-        return {"depth": {"delta1": delta1, "abs_rel": abs_rel, "rmse": abs_rel * 3},
-                "segmentation": {"miou": miou, "pixel_acc": miou + 0.5}}
-    results = {0: {n: metrics(0.5, 0.3, 0.2) for n in ablation.OBJECTIVES}}
-    results[0]["m3"] = metrics(0.6, 0.25, 0.1)
-    results[0]["mae"] = metrics(0.55, 0.2, 0.15)    # worse δ1 but better AbsRel than M3
-    verdict = dict(line.split(":", 1) for line in ablation.claim(results, [0]).splitlines())
-    assert "at least as good" in verdict["- depth δ1 ↑"]
-    assert "beaten by mae (0.200)" in verdict["- depth AbsRel ↓"]
-    assert "scratch" in verdict["- segmentation mIoU ↑"] and "beaten" in verdict["- segmentation mIoU ↑"]
-    assert "stage 2" not in verdict["- depth δ1 ↑"]  # no stage-1 diagnostic was run
 
-    # The stage-1 diagnostic has less compute: it is not a rival in the claim, only M3's starting point.
-    results[0]["m3_stage1"] = metrics(0.7, 0.28, 0.05)
-    verdict = dict(line.split(":", 1) for line in ablation.claim(results, [0]).splitlines())
-    assert "at least as good" in verdict["- depth δ1 ↑"] and "m3_stage1" not in verdict["- depth δ1 ↑"]
-    assert verdict["- depth δ1 ↑"].endswith("from 0.700 (stage 1 alone) to 0.600: no better")
-    assert verdict["- depth AbsRel ↓"].endswith("from 0.280 (stage 1 alone) to 0.250: better")
-    assert verdict["- segmentation mIoU ↑"].endswith("to 0.100: better")
+def test_object_miou_leaves_out_floor_wall_and_ceiling():
+    from mmcmae_jax.transfer.probe import with_object_miou
+    seg = {"miou": 0.5, "per_class_iou": {"floor": 0.9, "wall": 0.8, "ceiling": None, "table": 0.2, "chair": 0.4,
+                                          "lamp": None}}
+    assert np.isclose(with_object_miou(seg)["object_miou"], 0.3)
 
-    # M3 alone (with its diagnostic) has no rival: the verdict must not call it the winner.
-    alone = {0: {n: results[0][n] for n in ("m3", "m3_stage1")}}
-    verdict = dict(line.split(":", 1) for line in ablation.claim(alone, [0]).splitlines())
-    assert "no other objective at equal compute was run" in verdict["- depth δ1 ↑"]
-    assert "at least as good" not in verdict["- depth δ1 ↑"]
+
+def test_study_fine_tunes_both_tasks_with_the_projects_fine_tuning(tmp_path):
+    import pretraining_study as study
+    s = study.settings("smoke")
+    sets = study.make_data(str(tmp_path), s)
+    out = study.finetune_readout(s, "", 0, sets, str(tmp_path / "ft"))
+    assert 0 <= out["depth"]["delta1"] <= 1 and out["depth"]["abs_rel"] > 0
+    assert 0 <= out["segmentation"]["object_miou"] <= out["segmentation"]["pixel_acc"] + 1
+    config = json.loads((tmp_path / "ft" / "segmentation" / "config.json").read_text())
+    assert config["head"]["kind"] == "linear" and config["layer_decay"] == 1.0 and config["init_from"] == ""
 
 
 @needs_torch
@@ -239,22 +228,35 @@ def test_profile_step_splits_the_step_into_its_parts():
         assert part in out.stdout, out.stdout
 
 
-def test_ablation_runs_end_to_end_on_a_tiny_model(tmp_path):
-    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "ablation.py"), "--workdir", str(tmp_path),
-                          "--smoke", "--seeds", "0", "--objectives", "scratch", "m3", "--diagnose-stage1",
-                          "--m3-stage2-lr", "2e-4"],
+def test_study_runs_end_to_end_on_a_tiny_model(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "pretraining_study.py"), "--workdir",
+                          str(tmp_path), "--mode", "smoke", "--arms", "scratch", "mae", "--no-finetune"],
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    for name in ("scratch", "m3", "m3_stage1"):
-        for task, key in (("depth", "delta1"), ("segmentation", "miou")):
-            assert 0.0 <= results["results"]["0"][name][task][key] <= 1.0
-    assert results["plan"]["m3"] == [[1, "m3", 3], [2, "m3", 3]]
-    # The diagnostic fine-tunes the stage-1 run that M3's stage 2 started from; it trains nothing itself.
-    assert sorted(os.listdir(tmp_path / "seed0" / "pretrain")) == ["m3", "m3_stage1"]
-    learning_rate = {name: json.loads((tmp_path / "seed0" / "pretrain" / name / "config.json").read_text())["optim"]["lr"]
-                     for name in ("m3_stage1", "m3")}
-    assert learning_rate == {"m3_stage1": 5e-4, "m3": 2e-4}  # --m3-stage2-lr reaches M3's stage 2 alone
+    for seed in ("0", "1"):
+        for arm in ("scratch", "mae"):
+            probe = results["results"][seed][arm]["probe"]
+            assert 0.0 <= probe["depth"]["delta1"] <= 1.0 and 0.0 <= probe["segmentation"]["miou"] <= 1.0
+    assert results["plan"]["scratch"] == [] and results["plan"]["mae"][0][:2] == [2, "mae"]
     report = (tmp_path / "results.md").read_text()
-    assert "| m3 | 3 + 3 |" in report and "| scratch | 0 |" in report and "The claim" in report
-    assert "| m3_stage1 (diagnostic) | 3 |" in report and "(stage 1 alone) to" in report
+    assert "| *image-blind* |" in report and "| mae |" in report and "rgb " in report  # loss / trivial
+    assert "positive control: MAE pre-training beats none (mae vs scratch) | probe |" in report
+    assert "class shares" in out.stdout and "image-blind predictor" in out.stdout
+    # Re-running finds every run finished: nothing is trained again.
+    again = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "pretraining_study.py"), "--workdir",
+                            str(tmp_path), "--mode", "smoke", "--arms", "scratch", "mae", "--no-finetune"],
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0 and "pre-trained" not in again.stdout, again.stdout[-2000:]
+    assert (tmp_path / "results.md").read_text().split("\n", 1)[1] == report.split("\n", 1)[1]
+
+
+def test_procedural_scenes_describes_a_set(tmp_path):
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "procedural_scenes.py"), "--num-frames", "8",
+                          "--size", "16", "--shards", "1", "--workers", "1", "--style", "varied", "--describe"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    shares = out.stdout.split("class shares: ")[1].split(";")[0]
+    assert abs(sum(float(part.split()[-1].rstrip("%")) for part in shares.split(", ")) - 100) < 0.5
+    assert "image-blind predictor (4 frames -> 4 others): delta1" in out.stdout
+    assert "8 frames at 16x16, style varied" in out.stdout

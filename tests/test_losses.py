@@ -162,3 +162,88 @@ def test_losses_are_float32_under_bfloat16_inputs():
     pred, target, mask, valid = map(jnp.asarray, random_patches(8))
     loss = losses.masked_patch_mse(pred.astype(jnp.bfloat16), target.astype(jnp.bfloat16), mask, valid)
     assert loss.dtype == jnp.float32
+
+
+def np_normalize_patches(patches, valid):
+    out = np.zeros(patches.shape, np.float64)
+    for b, i in np.ndindex(patches.shape[:2]):
+        values = patches[b, i][valid[b, i] > 0].astype(np.float64)
+        if len(values) > 1:
+            out[b, i][valid[b, i] > 0] = (values - values.mean()) / np.sqrt(values.var(ddof=1) + 1e-6)
+    return out
+
+
+def test_normalize_patches_matches_numpy_over_valid_values():
+    """MAE's norm_pix target; for depth over the measured pixels only (NaN where unmeasured stays out)."""
+    _, target, _, valid = random_patches(9)
+    target = 3.0 + 2.0 * target
+    valid[0, 0] = 0          # a patch without depth
+    valid[0, 1] = 0
+    valid[0, 1, 5] = 1       # a patch with one measured pixel
+    garbage = np.where(valid > 0, target, np.nan)
+    ours = np.asarray(losses.normalize_patches(jnp.asarray(garbage), jnp.asarray(valid)))
+    np.testing.assert_allclose(ours, np_normalize_patches(target, valid), atol=1e-5)
+    rgb = random_patches(10)[1]
+    np.testing.assert_allclose(losses.normalize_patches(jnp.asarray(rgb)),
+                               np_normalize_patches(rgb, np.ones_like(rgb)), atol=1e-5)
+
+
+def test_zero_noise_denoising_matches_numpy_and_is_mean_sigma_squared():
+    _, noise, mask, valid = random_patches(11)
+    expected = np_masked_mse(np.zeros_like(noise), noise, 1.0 - mask, valid)
+    assert rel_err(losses.zero_noise_denoising_loss(*map(jnp.asarray, (noise, mask, valid))), expected) < 1e-5
+    # sigma ~ U[0, 1], e ~ N(0, 1): E[(sigma e)^2] = E[sigma^2] = 1/3.
+    rng = np.random.default_rng(12)
+    sigma = rng.uniform(size=(4096, 1, 1))
+    noise = sigma * rng.normal(size=(4096, 4, 16))
+    mask = np.zeros((4096, 4))
+    trivial = losses.zero_noise_denoising_loss(jnp.asarray(noise, jnp.float32), jnp.asarray(mask),
+                                               jnp.ones(noise.shape))
+    assert abs(float(trivial) - 1 / 3) < 0.02
+
+
+def np_image_mean_loss(target, mask, valid, channels):
+    num = den = 0.0
+    for b in range(target.shape[0]):
+        t = target[b].reshape(-1, channels).astype(np.float64)
+        v = valid[b].reshape(-1, channels)
+        means = [t[v[:, c] > 0, c].mean() for c in range(channels)]
+        prediction = np.tile(means, target.shape[1] * target.shape[2] // channels).reshape(target.shape[1:])
+        w = mask[b][:, None] * valid[b]
+        num += np.sum(w * (prediction - target[b]) ** 2)
+        den += np.sum(w)
+    return num / den
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_image_mean_reconstruction_matches_numpy(channels):
+    """The trivial L_depth (one channel, valid pixels) and L_rgb (per channel): each image's mean target."""
+    _, target, mask, valid = random_patches(13, (2, 6, 4 * channels))
+    target = target + np.tile(np.arange(channels, dtype=np.float32) * 5.0, 4)  # each channel its own mean
+    if channels == 3:
+        valid = np.ones_like(valid)
+    ours = losses.image_mean_reconstruction_loss(jnp.asarray(target), jnp.asarray(mask),
+                                                 None if channels == 3 else jnp.asarray(valid), channels)
+    assert rel_err(ours, np_image_mean_loss(target, mask, valid, channels)) < 1e-5
+
+
+@pytest.mark.parametrize("negatives", ["image", "batch"])
+def test_uniform_info_nce_is_the_loss_of_equal_similarities(negatives):
+    """log(candidates), averaged as patch_info_nce averages: per image log n_b weighted by n_b, or log n."""
+    valid = np.random.default_rng(14).random((3, 16)) > 0.4
+    valid[2] = False
+    counts = valid.sum(axis=1)
+    expected = (np.log(counts.sum()) if negatives == "batch"
+                else sum(n * np.log(n) for n in counts if n) / counts.sum())
+    ours = losses.uniform_info_nce(jnp.asarray(valid), negatives)
+    assert rel_err(ours, expected) < 1e-6
+    z = jnp.ones((3, 16, 4)) / 2.0  # every pair has the same similarity
+    assert rel_err(losses.patch_info_nce(z, z, 0.1, negatives, jnp.asarray(valid)), expected) < 1e-5
+    assert float(losses.uniform_info_nce(jnp.zeros((3, 16), bool), negatives)) == 0.0
+
+
+def test_batch_mean_distill_matches_numpy():
+    teacher = np.random.default_rng(15).normal(size=(5, 32)).astype(np.float32) * 2.0
+    d = teacher.mean(axis=0, keepdims=True).astype(np.float64) - teacher
+    expected = np.mean([0.5 * x * x if abs(x) < 1.0 else abs(x) - 0.5 for x in d.ravel()])
+    assert rel_err(losses.batch_mean_distill_loss(jnp.asarray(teacher)), expected) < 1e-5

@@ -5,17 +5,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmcmae_jax.config import pretrain_config, validate
+from mmcmae_jax.config import OBJECTIVES, pretrain_config, validate
 from mmcmae_jax.models.m3 import MultiModalMAE
 from mmcmae_jax.models.masking import multimodal_masks
+from mmcmae_jax.models.vit import patchify
 from mmcmae_jax.objectives import init_stage2_from_stage1, make_objective, teacher_params_from_stage1
-from test_losses import np_info_nce
+from test_losses import np_info_nce, np_masked_mse, np_normalize_patches
 
 
 def tiny_config(stage, **objective):
     config = pretrain_config(stage)
     config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32,
                         decoder_depth=1, decoder_width=32, decoder_heads=2)
+    config.objective.weights.update(objective.pop("weights", {}))
     config.objective.update(objective)
     return config
 
@@ -54,8 +56,11 @@ def check_step(config, frozen):
 @pytest.mark.parametrize("negatives,mask_ratio", [("image", 0.0), ("batch", 0.5)])
 def test_stage1_jits_and_every_parameter_learns(negatives, mask_ratio):
     loss, metrics, _ = check_step(tiny_config(1, negatives=negatives, stage1_mask_ratio=mask_ratio), {})
-    assert set(metrics) == {"contrastive", "contrastive_other_frame", "contrastive_valid_patches"}
+    assert set(metrics) == {"contrastive", "contrastive_other_frame", "contrastive_valid_patches",
+                            "contrastive_trivial"}
     assert float(loss) > 0
+    candidates = int(16 * (1 - mask_ratio)) * (1 if negatives == "image" else 2)  # tiny_batch: 2 frames, 16 patches
+    assert abs(float(metrics["contrastive_trivial"]) - np.log(candidates)) < 1e-5
 
 
 def test_stage1_leaves_out_patches_without_depth():
@@ -95,33 +100,135 @@ def test_stage1_leaves_out_patches_without_depth():
 def test_m3_stage2_jits_every_parameter_learns_teacher_frozen(stage1_params):
     frozen = teacher_params_from_stage1(stage1_params)
     loss, metrics, _ = check_step(tiny_config(2), frozen)
-    assert set(metrics) == {"depth", "denoise", "distill", "sigma_mean"}
+    assert set(metrics) == {"depth", "denoise", "distill", "sigma_mean",
+                            "depth_trivial", "denoise_trivial", "distill_trivial"}
     total = metrics["depth"] + metrics["denoise"] + metrics["distill"]
     np.testing.assert_allclose(loss, total, rtol=1e-6)  # alpha = w_denoise = gamma = 1
 
 
-BASELINES = {
-    "mae": dict(inputs=("rgb",), targets=("rgb",), weights=dict(denoise=0.0, distill=0.0)),
-    "multimae": dict(inputs=("rgb", "depth"), targets=("rgb", "depth"), weights=dict(denoise=0.0, distill=0.0)),
-    "mask3d": dict(inputs=("rgb", "depth"), targets=("depth",), weights=dict(denoise=0.0, distill=0.0)),
-    "depth_from_rgb": dict(inputs=("rgb",), targets=("depth",), weights=dict(denoise=0.0, distill=0.0)),
-    "m3_no_denoise": dict(weights=dict(denoise=0.0)),
-    "m3_no_distill": dict(weights=dict(distill=0.0)),
+def test_default_m3_is_unchanged_by_the_noise_switches(stage1_params):
+    """The default M3 stage 2 (noise, sigma embedding and denoising loss all on) has the parameters and,
+    at the same randomness, the losses it had before the three were separate switches (recorded then)."""
+    config = tiny_config(2)
+    assert config.objective.depth_noise and config.objective.sigma_embedding and config.objective.weights.denoise == 1
+    objective = make_objective(config)
+    params = objective.init(jax.random.key(1), tiny_batch())
+    assert sorted(params) == ["decoder", "decoder_norm", "depth_decoder_embed", "depth_encoder", "depth_head",
+                              "depth_mask_token", "depth_modality_embed", "rgb_decoder_embed", "rgb_encoder",
+                              "rgb_modality_embed", "sigma_embed"]
+    assert sum(leaf.size for leaf in jax.tree.leaves(params)) == 256576
+    loss, metrics = jax.jit(objective.loss)(params, teacher_params_from_stage1(stage1_params), tiny_batch(),
+                                            jax.random.key(2))
+    recorded = dict(loss=5.372761249542236, depth=2.3325436115264893, denoise=1.7947620153427124,
+                    distill=1.2454558610916138, sigma_mean=0.7521963715553284)
+    got = dict(metrics, loss=loss)
+    for name, value in recorded.items():
+        np.testing.assert_allclose(float(got[name]), value, rtol=1e-4, err_msg=name)
+
+
+def stage2_config(name, **objective):
+    """tiny_config(2) with the changes of config.OBJECTIVES[name], then `objective`'s."""
+    change = dict(OBJECTIVES[name])
+    config = tiny_config(2, **change)
+    config.objective.weights.update(objective.pop("weights", {}))
+    config.objective.update(objective)
+    return config
+
+
+@pytest.mark.parametrize("name", sorted(OBJECTIVES))
+def test_every_named_objective_trains_and_logs_each_term_beside_its_trivial_value(name, stage1_params):
+    config = stage2_config(name)
+    frozen = teacher_params_from_stage1(stage1_params, config.objective.inputs) if config.objective.weights.distill else {}
+    _, metrics, _ = check_step(config, frozen)
+    terms = set(config.objective.targets) | {k for k in ("denoise", "distill") if config.objective.weights[k] > 0}
+    assert {k for k in metrics if not k.endswith("_trivial") and k != "sigma_mean"} == terms
+    assert {k for k in metrics if k.endswith("_trivial")} == {f"{t}_trivial" for t in terms}
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert ("sigma_mean" in metrics) == config.objective.depth_noise
+
+
+BASELINES = {  # objectives beyond config.OBJECTIVES
+    "depth_from_rgb": dict(inputs=("rgb",), targets=("depth",), depth_noise=False, sigma_embedding=False,
+                           weights=dict(denoise=0.0, distill=0.0)),
     "m3_dirichlet_lognormal": dict(mask_mode="dirichlet", sigma_distribution="lognormal"),
+    "m3_noise_without_sigma_embedding": dict(sigma_embedding=False),
+    "m3_teacher_sees_visible_dirichlet": dict(distill_teacher_input="visible", mask_mode="dirichlet"),
+    "multimae_noised_depth": dict(inputs=("rgb", "depth"), targets=("rgb",), weights=dict(denoise=0.0, distill=0.0)),
 }
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_objectives_are_configurations(name, stage1_params):
-    overrides = dict(BASELINES[name])
-    config = tiny_config(2)
-    config.objective.weights.update(overrides.pop("weights", {}))
-    config.objective.update(overrides)
+    config = tiny_config(2, **BASELINES[name])
     frozen = teacher_params_from_stage1(stage1_params, config.objective.inputs) if config.objective.weights.distill else {}
     _, metrics, _ = check_step(config, frozen)
     expected = {t for t in config.objective.targets}
     expected |= {k for k in ("denoise", "distill") if config.objective.weights[k] > 0}
-    assert expected <= set(metrics)
+    assert expected | {f"{t}_trivial" for t in expected} <= set(metrics)
+
+
+def test_noise_sigma_embedding_and_denoising_loss_are_separate_switches(stage1_params):
+    """m3_noise_only is m3 without the denoising loss: same parameters, noise, masks and depth loss.
+    Without the embedding there is no sigma_embed, yet the input is noised; without noise, none."""
+    frozen = teacher_params_from_stage1(stage1_params)
+    batch, rng = tiny_batch(), jax.random.key(2)
+    results = {}
+    for name in ("m3", "m3_noise_only", "m3_no_denoise"):
+        objective = make_objective(stage2_config(name))
+        params = objective.init(jax.random.key(1), batch)
+        results[name] = params, objective.loss(params, frozen, batch, rng)[1], objective.forward(params, batch, rng)
+    (m3_params, m3, _), (noise_params, noise_only, noised), (clean_params, _, clean) = (
+        results["m3"], results["m3_noise_only"], results["m3_no_denoise"])
+    chex.assert_trees_all_equal(noise_params, m3_params)
+    assert "denoise" not in noise_only and "sigma_mean" in noise_only
+    for name in ("depth", "distill", "sigma_mean"):
+        np.testing.assert_allclose(noise_only[name], m3[name], rtol=1e-6)
+    assert noised["added_noise"] is not None and float(jnp.abs(noised["added_noise"]).max()) > 0
+    assert "sigma_embed" not in clean_params and clean["added_noise"] is None
+
+    no_embedding = make_objective(tiny_config(2, sigma_embedding=False))
+    params = no_embedding.init(jax.random.key(1), batch)
+    assert "sigma_embed" not in params and no_embedding.forward(params, batch, rng)["added_noise"] is not None
+
+
+def test_teacher_sees_the_full_frame_or_the_students_visible_patches(stage1_params):
+    """"visible": the teacher encodes the student's visible patches only, so the content of the hidden RGB
+    patches (which reaches nothing else in M3) no longer changes the loss; with nothing masked both agree."""
+    frozen = teacher_params_from_stage1(stage1_params)
+    batch, rng = tiny_batch(), jax.random.key(2)
+
+    def distill(teacher_input, batch=batch, **objective):
+        objective = make_objective(tiny_config(2, distill_teacher_input=teacher_input, **objective))
+        params = init_stage2_from_stage1(objective.init(jax.random.key(1), batch), stage1_params)
+        return float(objective.loss(params, frozen, batch, rng)[1]["distill"]), objective, params
+
+    unmasked = dict(mask_ratio=dict(rgb=0.0, depth=0.0))
+    assert abs(distill("full", **unmasked)[0] - distill("visible", **unmasked)[0]) < 1e-5
+    full, objective, params = distill("full")
+    visible, _, _ = distill("visible")
+    assert abs(full - visible) > 1e-4
+    hidden = np.asarray(objective.forward(params, batch, rng)["mask"]["rgb"]).reshape(2, 4, 4)
+    hidden = hidden.repeat(8, 1).repeat(8, 2)[..., None] > 0
+    tampered = dict(batch, rgb=jnp.where(hidden, 5.0, batch["rgb"]))
+    assert abs(distill("visible", tampered)[0] - visible) < 1e-6
+    assert abs(distill("full", tampered)[0] - full) > 1e-4
+
+
+@pytest.mark.parametrize("name", ["mae_norm_pix", "multimae_norm_pix"])
+def test_norm_pix_targets_match_numpy(name):
+    """Each reconstruction loss reads its patches normalised per patch (depth over its valid pixels)."""
+    config = stage2_config(name)
+    objective = make_objective(config)
+    batch, rng = tiny_batch(), jax.random.key(2)
+    params = objective.init(jax.random.key(1), batch)
+    _, metrics = objective.loss(params, {}, batch, rng)
+    out = objective.forward(params, batch, rng)
+    for target in config.objective.targets:
+        pred, mask = np.asarray(out["pred"][target], np.float64), np.asarray(out["mask"][target])
+        patches = np.asarray(patchify(batch[target], 8))
+        valid = (np.asarray(patchify(batch["depth_valid"], 8)) if target == "depth" else np.ones_like(patches))
+        expected = np_masked_mse(pred, np_normalize_patches(patches, valid), mask, valid)
+        np.testing.assert_allclose(float(metrics[target]), expected, rtol=1e-4, err_msg=target)
 
 
 def test_stage2_starts_from_stage1(stage1_params):
@@ -169,13 +276,17 @@ def test_stage1_bad_config_names_field(field, value, message):
 
 
 @pytest.mark.parametrize("overrides,message", [
-    (dict(inputs=("rgb",), targets=("depth",)), r"config\.objective\.weights\.denoise"),
+    (dict(inputs=("rgb",), targets=("depth",)), r"config\.objective\.depth_noise: .*depth is not among the inputs"),
+    (dict(depth_noise=False), r"config\.objective\.sigma_embedding"),
+    (dict(depth_noise=False, sigma_embedding=False), r"config\.objective\.weights\.denoise: .*depth_noise=True"),
+    (dict(targets=("rgb",), weights=dict(rgb=1.0)), r"config\.objective\.weights\.denoise: .*not among the targets"),
+    (dict(distill_teacher_input="masked"), r"config\.objective\.distill_teacher_input"),
+    (dict(sigma_distribution="gamma"), r"config\.objective\.sigma_distribution"),
     (dict(mask_mode="blocks"), r"config\.objective\.mask_mode"),
     (dict(targets=("normals",)), r"config\.objective\.targets"),
 ])
 def test_stage2_bad_config_names_field(overrides, message):
-    config = tiny_config(2)
-    config.objective.update(overrides)
+    config = tiny_config(2, **overrides)
     with pytest.raises(ValueError, match=message):
         make_objective(config)
     config = tiny_config(2)

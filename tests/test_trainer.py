@@ -210,3 +210,19 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
     assert checkpoints[-1] == 4
     params = restore_params(str(tmp_path))
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_terminal_line_prints_each_loss_over_its_trivial_value(tmp_path, capsys):
+    """`depth 0.3123/0.9871` on the terminal; metrics.jsonl keeps `depth` and `depth_trivial` apart."""
+    from mmcmae_jax.train.metrics import MetricWriter
+    writer = MetricWriter(str(tmp_path), "stage2", total_steps=10)
+    writer.start(0)
+    metrics = dict(depth=0.31234, depth_trivial=0.98712, distill=0.1, distill_trivial=0.25, loss=0.41234,
+                   sigma_mean=0.5, grad_norm=1.0, learning_rate=1e-3)
+    writer.write(1, {k: np.float32(v) for k, v in metrics.items()}, images_per_step=8)
+    writer.close()
+    line = capsys.readouterr().out
+    assert "| depth 0.3123/0.9871 distill 0.1000/0.2500 loss 0.4123 sigma_mean 0.5000 | grad_norm 1.000" in line
+    logged = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert {"depth", "depth_trivial", "distill", "distill_trivial"} <= set(logged)
+    assert abs(logged["depth_trivial"] - 0.98712) < 1e-6

@@ -38,6 +38,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.procedural_size = 128
     c.procedural_shards = 8
     c.procedural_depth_noise = True
+    # "rooms" (eye-level views of furnished rooms) or "varied" (any camera pose, random colours and
+    # textures on every surface, cluttered: depth and classes must be read from the image).
+    c.procedural_style = "rooms"
     return c
 
 
@@ -79,6 +82,12 @@ def validate_data_config(c) -> None:
     _check(c.num_epochs is None or c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be None or >= 1")
     _check(isinstance(c.skip_bad_records, bool), "skip_bad_records", c.skip_bad_records, "must be a bool")
     _check(isinstance(c.require_path, bool), "require_path", c.require_path, "must be a bool")
+    _check(
+        c.procedural_style in procedural.STYLES,
+        "procedural_style",
+        c.procedural_style,
+        f"must be one of {procedural.STYLES}",
+    )
 
 
 def pipeline_from_config(
@@ -122,7 +131,7 @@ def records_path(c, name: str = "config.data") -> str:
         return c.path
     check_path_given(c, name)
     print(f"[data] {name}.path is empty: reading the procedural rooms ({c.procedural_frames} frames at "
-          f"{c.procedural_size} px, in {c.procedural_dir})", flush=True)
+          f"{c.procedural_size} px, style {c.procedural_style}, in {c.procedural_dir})", flush=True)
     return procedural.ensure_procedural_dataset(
         c.procedural_dir,
         c.procedural_frames,
@@ -131,6 +140,7 @@ def records_path(c, name: str = "config.data") -> str:
         c.procedural_shards,
         records.ARRAY_RECORD,
         c.procedural_depth_noise,
+        style=c.procedural_style,
     )
 
 

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--depth-noise", action="store_true", help="sensor-like noise and holes")
+    p.add_argument("--style", choices=procedural.STYLES, default="rooms",
+                   help="rooms: eye-level views of furnished rooms; varied: any camera pose, random colours "
+                        "and textures, cluttered (docs/data.md)")
     p.add_argument("--workers", type=int, default=None)
     return parser
 
@@ -137,6 +140,7 @@ def main(argv=None) -> int:
             args.depth_noise,
             args.workers,
             prefix=args.prefix,
+            style=args.style,
         )
     else:
         if args.command == "folder":

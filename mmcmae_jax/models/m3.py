@@ -106,6 +106,7 @@ class MultiModalMAE(EncoderFields):
     decoder_depth: int = 4
     decoder_width: int = 256
     decoder_heads: int = 8
+    # sigma embedded into the depth tokens (objective.sigma_embedding); the noise is the caller's to add.
     use_sigma_embedding: bool = True
 
     @nn.compact

@@ -19,7 +19,32 @@ def format_duration(seconds: float) -> str:
     return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
 
 
+TRIVIAL_SUFFIX = "_trivial"  # `<term>_trivial`: what a trivial prediction scores on the batch (losses.py)
+NOT_LOSSES = ("learning_rate", "images_per_s", "grad_norm")  # printed at the end of the line, formatted
+
+
+def terminal_losses(scalars: dict) -> str:
+    """`name value` pairs for the terminal, a term with a trivial value as `depth 0.3123/0.9871`."""
+    pairs = []
+    for key, value in scalars.items():
+        if key in NOT_LOSSES or (key.endswith(TRIVIAL_SUFFIX) and key[:-len(TRIVIAL_SUFFIX)] in scalars):
+            continue
+        trivial = scalars.get(key + TRIVIAL_SUFFIX)
+        pairs.append(f"{key} {value:.4f}" + ("" if trivial is None else f"/{trivial:.4f}"))
+    return " ".join(pairs)
+
+
 class MetricWriter:
+    """Writes each logged step to the terminal, metrics.jsonl and TensorBoard.
+
+    The terminal line prints a loss term that has a trivial value as `depth 0.3123/0.9871`: the loss, then
+    what a prediction that learned nothing scores on the same batch (`depth_trivial`: the image mean for a
+    reconstruction, no noise for denoising, uniform similarities for the contrastive loss, the batch-mean
+    teacher feature for distillation; see objectives.py). At or above its second number, a term does no
+    better than that trivial prediction. metrics.jsonl and TensorBoard keep both as separate keys
+    (`depth`, `depth_trivial`).
+    """
+
     def __init__(self, workdir: str, name: str, total_steps: int):
         self.name, self.total_steps = name, total_steps
         self.enabled = jax.process_index() == 0
@@ -46,8 +71,7 @@ class MetricWriter:
                 self.tensorboard.add_scalar(f"{self.name}/{key}", value, step)
             self.jsonl.write(json.dumps({"stage": self.name, "step": step, **scalars}) + "\n")
             self.jsonl.flush()
-            losses = " ".join(f"{k} {v:.4f}" for k, v in scalars.items()
-                              if k not in ("learning_rate", "images_per_s", "grad_norm"))
+            losses = terminal_losses(scalars)
             eta = format_duration(seconds_per_step * (self.total_steps - step))
             print(f"[{self.name}] step {step}/{self.total_steps} | {losses} | grad_norm {scalars.get('grad_norm', 0):.3f}"
                   f" | lr {scalars.get('learning_rate', 0):.2e} | {scalars['images_per_s']:.1f} img/s | eta {eta}",

@@ -1,0 +1,445 @@
+"""Does pre-training work? Every objective of the paper's tables, pre-trained on procedural RGB-D
+rooms, then read out with RGB alone: frozen-feature probes and fine-tuning, beside the image-blind
+predictor, over paired seeds.
+
+    python benchmarks/pretraining_study.py --workdir /tmp/m3_study --mode quick   # positive control
+    python benchmarks/pretraining_study.py --workdir /tmp/m3_study_full           # every arm
+    python benchmarks/pretraining_study.py --workdir /tmp/m3_study_smoke --mode smoke   # seconds; tests
+
+Data: the procedural "varied" style (any camera pose, random colours and textures, clutter: the image,
+not the layout, says where things are): unlabelled frames with sensor-like depth for pre-training, a
+labelled set with exact depth for the read-outs, and an evaluation set of other rooms. `--describe-data`
+prints each set's class shares and the image-blind predictor and stops.
+
+Model: a ViT of width 128, 4 blocks, 4 heads, 8 px patches at 64 px: an 8 x 8 grid, so 80 % masking
+leaves 13 visible patches per modality. Every stage-2 objective has the same decoder.
+
+Arms (`--arms`; ARMS below): scratch; the baselines MAE, MultiMAE-style, Mask3D-style and the
+contrastive stage alone, each at M3's compute (XLA-counted train FLOPs of its two stages); and, on top
+of one shared stage-1 run per seed, M3's stage-2 variants (the paper's ablation): reconstruction only,
++ distillation, + denoising, both (M3), noise without its loss, and the design choices (teacher on the
+visible patches, log-normal σ, norm-pix targets for the baselines).
+
+Read-outs, the same recipe for every arm: (a) linear probes on the frozen RGB encoder's final patch
+tokens (transfer/probe.py: deterministic, so the spread is the encoder's); (b) fine-tuning of the whole
+RGB encoder with a linear head (no layer decay: it would starve a random encoder's first blocks), by
+the project's fine-tuning code. Metrics: δ1, AbsRel, RMSE; mIoU over all classes and over the six
+object classes; pixel accuracy.
+
+Verdicts: a difference counts only when it exceeds three times the seed-to-seed spread (the larger
+sample standard deviation of the two arms). The positive control comes first: MAE and the contrastive
+stage must beat scratch that way before any M3 claim is read.
+
+Every run is a work directory under WORKDIR; re-running skips what is finished and resumes what is not
+(the trainer resumes from its checkpoints). WORKDIR keeps the settings it was made with and refuses
+others. The report goes to WORKDIR/results.md and results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+# Read-out metrics: (task, key, label, higher is better).
+METRICS = (("depth", "delta1", "δ1", True), ("depth", "abs_rel", "AbsRel", False), ("depth", "rmse", "RMSE", False),
+           ("segmentation", "miou", "mIoU", True), ("segmentation", "object_miou", "obj mIoU", True),
+           ("segmentation", "pixel_acc", "pix acc", True))
+READOUTS = ("probe", "finetune")
+STUFF = ("floor", "wall", "ceiling")  # the procedural classes that are layout; the others are objects
+
+# name -> (description, stage-2 objective key or None, starts from the shared stage 1, changes to it)
+ARMS = {
+    "scratch": ("no pre-training", None, False, {}),
+    "mae": ("MAE: RGB in, RGB out; equal compute", "mae", False, {}),
+    "multimae": ("MultiMAE-style: RGB+depth in, both out; equal compute", "multimae", False, {}),
+    "mask3d": ("Mask3D-style: RGB+depth in, depth out; equal compute", "mask3d", False, {}),
+    "contrastive": ("stage 1 alone at M3's compute", None, False, {}),
+    "stage1": ("stage 1 alone, as M3's stage 2 starts from it", None, True, {}),
+    "recon": ("stage 1 + depth reconstruction", "m3_recon_only", True, {}),
+    "distill": ("stage 1 + reconstruction + distillation", "m3_no_denoise", True, {}),
+    "denoise": ("stage 1 + reconstruction + denoising", "m3_no_distill", True, {}),
+    "m3": ("M3: stage 1 + reconstruction + denoising + distillation", "m3", True, {}),
+    "noise_only": ("M3 with noise and σ embedded, no denoising loss", "m3_noise_only", True, {}),
+    "m3_teacher_visible": ("M3, teacher sees the student's visible patches", "m3", True,
+                           {"distill_teacher_input": "visible"}),
+    "m3_lognormal_sigma": ("M3, log-normal σ", "m3", True, {"sigma_distribution": "lognormal"}),
+    "mae_norm_pix": ("MAE with norm-pix targets; equal compute", "mae_norm_pix", False, {}),
+    "multimae_norm_pix": ("MultiMAE-style with norm-pix targets; equal compute", "multimae_norm_pix", False, {}),
+}
+MODE_ARMS = {
+    "smoke": ("scratch", "mae", "contrastive", "stage1", "m3"),
+    "quick": ("scratch", "mae", "contrastive"),  # the positive control
+    "full": tuple(ARMS),
+}
+# Claims: (better arm, worse arm, what the paper says). Checked on every read-out and metric.
+CLAIMS = (
+    ("mae", "scratch", "positive control: MAE pre-training beats none"),
+    ("contrastive", "scratch", "positive control: the contrastive stage beats none"),
+    ("m3", "mae", "M3 beats MAE"),
+    ("m3", "multimae", "M3 beats MultiMAE-style"),
+    ("m3", "mask3d", "M3 beats Mask3D-style"),
+    ("m3", "contrastive", "M3 beats the contrastive stage alone at equal compute"),
+    ("recon", "stage1", "reconstruction adds to stage 1"),
+    ("distill", "recon", "distillation adds to reconstruction"),
+    ("denoise", "recon", "denoising adds to reconstruction"),
+    ("m3", "distill", "denoising adds to reconstruction + distillation"),
+    ("m3", "denoise", "distillation adds to reconstruction + denoising"),
+    ("m3", "noise_only", "the denoising loss adds to noise and σ alone"),
+    ("m3_teacher_visible", "m3", "a teacher on the visible patches beats one on the full frame"),
+    ("m3_lognormal_sigma", "m3", "log-normal σ beats uniform σ"),
+    ("mae_norm_pix", "mae", "norm-pix targets help MAE"),
+    ("multimae_norm_pix", "multimae", "norm-pix targets help MultiMAE-style"),
+)
+
+
+def settings(mode: str) -> dict:
+    """quick and full share their settings (a quick run's work directory grows into a full one)."""
+    if mode == "smoke":
+        return dict(variant="64x2x2/8", image_size=32, pretrain_frames=64, labelled_frames=24, eval_frames=16,
+                    batch=8, stage1_steps=3, stage2_steps=3, finetune_steps=3, probe_steps=20, lr=5e-4,
+                    finetune_lr=5e-4)
+    return dict(variant="128x4x4/8", image_size=64, pretrain_frames=4000, labelled_frames=500, eval_frames=300,
+                batch=32, stage1_steps=150, stage2_steps=150, finetune_steps=300, probe_steps=300, lr=5e-4,
+                finetune_lr=5e-4)
+
+
+def claim_workdir(workdir: str, s: dict) -> None:
+    """Finished runs are re-used by name, so one work directory holds one set of settings."""
+    path = os.path.join(workdir, "settings.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+        if earlier != s:
+            changed = ", ".join(f"{k}: {earlier.get(k)!r} there, {s.get(k)!r} now"
+                                for k in sorted(set(s) | set(earlier)) if earlier.get(k) != s.get(k))
+            raise SystemExit(f"error: --workdir {workdir} holds runs made with other settings ({changed}); "
+                             "its finished runs would be re-used as they are: give a new --workdir")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(s, f, indent=1)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def make_data(workdir: str, s: dict) -> dict:
+    """{set name: records directory}: pre-training frames (sensor-like depth, holes), a labelled set and
+    an evaluation set of other rooms (exact depth)."""
+    from mmcmae_jax.data import procedural, records
+    sets = {}
+    for name, frames, seed, noise in (("pretrain", s["pretrain_frames"], 0, True),
+                                      ("labelled", s["labelled_frames"], 2, False),
+                                      ("eval", s["eval_frames"], 1, False)):
+        directory = os.path.join(workdir, "data", name)
+        procedural.ensure_procedural_dataset(directory, frames, s["image_size"], seed, 4 if frames > 100 else 1,
+                                             records.ARRAY_RECORD, noise, style="varied")
+        sets[name] = directory
+    return sets
+
+
+def data_config(path: str):
+    from mmcmae_jax.data import default_data_config
+    config = default_data_config()
+    config.path = path
+    return config
+
+
+def describe_data(sets: dict, s: dict, log) -> dict:
+    """Class shares of each set and the image-blind predictor of the labelled set on the evaluation set."""
+    from mmcmae_jax.data import PROCEDURAL_CLASS_NAMES
+    from mmcmae_jax.transfer import probe
+    frames = {name: probe.load_frames(data_config(path), s["image_size"]) for name, path in sets.items()}
+    for name, f in frames.items():
+        shares = probe.class_shares(f.label, PROCEDURAL_CLASS_NAMES)
+        objects = sum(v for k, v in shares.items() if k not in STUFF)
+        log(f"{name} set: {len(f.rgb)} frames; class shares " + ", ".join(f"{k} {v:.1%}" for k, v in shares.items())
+            + f"; objects {objects:.1%}")
+    blind = probe.image_blind_metrics(frames["labelled"], frames["eval"], PROCEDURAL_CLASS_NAMES)
+    log("image-blind predictor (labelled -> eval): " + ", ".join(
+        f"{label} {blind[task][key]:.3f}" for task, key, label, _ in METRICS))
+    return dict(frames=frames, blind=blind)
+
+
+# ------------------------------------------------------------------------------------- pre-training
+
+def pretrain_config(s: dict, stage: int, key: str, steps: int, seed: int, data_path: str, changes=None):
+    from mmcmae_jax.config import OBJECTIVES, training_config
+    config = training_config(stage)
+    config.model.update(variant=s["variant"], image_size=s["image_size"], proj_hidden=512, proj_dim=128,
+                        decoder_depth=2, decoder_width=128, decoder_heads=4)
+    if stage == 2:
+        change = dict(OBJECTIVES[key])
+        config.objective.weights.update(change.pop("weights", {}))
+        config.objective.update(change)
+        config.objective.update(changes or {})
+    config.update(batch_size=s["batch"], total_steps=steps, seed=seed, log_every=max(steps // 5, 1),
+                  image_every=0, checkpoint_every=max(steps // 2, 1), keep_checkpoints=1)
+    config.optim.update(lr=s["lr"], warmup_steps=max(steps // 10, 1))
+    config.data.update(path=data_path, crop_scale=(0.5, 1.0))
+    return config
+
+
+def step_flops(s: dict, arms) -> dict:
+    """Train FLOPs per step of stage 1 and of each stage-2 objective the arms use (XLA cost analysis)."""
+    from mmcmae_jax.objectives import make_objective
+    from mmcmae_jax.train.cost import loss_and_grad_flops
+    flops = {"stage1": loss_and_grad_flops(make_objective(pretrain_config(s, 1, "", 1, 0, "")), s["batch"],
+                                           s["image_size"])}
+    for key in sorted({ARMS[a][1] for a in arms if ARMS[a][1]} | {"m3"}):
+        config = pretrain_config(s, 2, key, 1, 0, "")
+        flops[key] = loss_and_grad_flops(make_objective(config), s["batch"], s["image_size"],
+                                         tuple(config.objective.inputs))
+    return flops
+
+
+def pretrain_plan(s: dict, flops: dict, arms) -> tuple[dict, float]:
+    """{arm: [(stage, objective key, steps), ...]}: M3's two stages set the budget of the baselines."""
+    budget = flops["stage1"] * s["stage1_steps"] + flops["m3"] * s["stage2_steps"]
+    plan = {}
+    for arm in arms:
+        _, key, on_stage1, _ = ARMS[arm]
+        if arm == "scratch":
+            plan[arm] = []
+        elif arm == "contrastive":
+            plan[arm] = [(1, "", max(1, round(budget / flops["stage1"])))]
+        elif arm == "stage1":
+            plan[arm] = [(1, "", s["stage1_steps"])]
+        elif on_stage1:
+            plan[arm] = [(1, "", s["stage1_steps"]), (2, key, s["stage2_steps"])]
+        else:
+            plan[arm] = [(2, key, max(1, round(budget / flops[key])))]
+    return plan, budget
+
+
+def final_losses(workdir: str) -> dict:
+    """The last logged value of every loss term and of its trivial prediction (metrics.jsonl)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        last = json.loads(f.readlines()[-1])
+    return {k: v for k, v in last.items() if f"{k}_trivial" in last or k.endswith("_trivial")}
+
+
+def run_pretraining(s, plan, arm, seed, root, data_path, log) -> str:
+    """Pre-train one arm for one seed (or find it finished); returns its encoder's work directory."""
+    from mmcmae_jax import pretrain
+    previous = ""
+    for stage, key, steps in plan[arm]:
+        shared = stage == 1 and ARMS[arm][2]
+        workdir = os.path.join(root, f"seed{seed}", "pretrain", "stage1" if shared else arm)
+        done = os.path.join(workdir, "done.json")
+        if not os.path.exists(done):
+            config = pretrain_config(s, stage, key, steps, seed, data_path, ARMS[arm][3])
+            if previous:
+                config.init_from = previous
+            start = time.perf_counter()
+            pretrain.run_stage(config, workdir, f"{arm} seed {seed}")
+            with open(done, "w", encoding="utf-8") as f:
+                json.dump({"seconds": time.perf_counter() - start, "losses": final_losses(workdir)}, f)
+            log(f"pre-trained {arm} stage {stage} (seed {seed}): {steps} steps in "
+                f"{time.perf_counter() - start:.0f} s; final losses (value / trivial) "
+                + ", ".join(f"{k} {v:.3f}" for k, v in final_losses(workdir).items()))
+        previous = workdir
+    return previous
+
+
+# ------------------------------------------------------------------------------------------ read-outs
+
+def probe_readout(s, encoder_dir: str, seed: int, data: dict) -> dict:
+    """Frozen-feature probes of the RGB encoder in `encoder_dir` ("" = a random encoder of `seed`)."""
+    from mmcmae_jax.config import model_config
+    from mmcmae_jax.data import PROCEDURAL_CLASS_NAMES
+    from mmcmae_jax.train.checkpoint import restore_params
+    from mmcmae_jax.transfer import probe
+    model = model_config()
+    model.update(variant=s["variant"], image_size=s["image_size"])
+    params = (restore_params(encoder_dir)["rgb_encoder"] if encoder_dir
+              else probe.random_encoder_params(model, seed, s["image_size"]))
+    labelled, evaluation = data["frames"]["labelled"], data["frames"]["eval"]
+    train_tokens = probe.encoder_tokens(params, model, labelled.rgb)
+    eval_tokens = probe.encoder_tokens(params, model, evaluation.rgb)
+    hw = evaluation.rgb.shape[1:3]
+    depth = probe.fit_probe(train_tokens, labelled.depth_m, "depth", steps=s["probe_steps"])
+    seg = probe.fit_probe(train_tokens, labelled.label, "segmentation", len(PROCEDURAL_CLASS_NAMES),
+                          steps=s["probe_steps"])
+    return {"depth": probe.score(probe.probe_predictions(depth, eval_tokens, hw, "depth"), evaluation, "depth"),
+            "segmentation": probe.with_object_miou(probe.score(
+                probe.probe_predictions(seg, eval_tokens, hw, "segmentation"), evaluation, "segmentation",
+                len(PROCEDURAL_CLASS_NAMES), PROCEDURAL_CLASS_NAMES), STUFF)}
+
+
+def finetune_readout(s, encoder_dir: str, seed: int, sets: dict, workdir: str) -> dict:
+    """Fine-tune the RGB encoder with a linear head for each task; evaluate on the evaluation set."""
+    from mmcmae_jax.data import PROCEDURAL_CLASS_NAMES
+    from mmcmae_jax.finetune import run_finetune
+    from mmcmae_jax.transfer.config import finetune_config
+    from mmcmae_jax.transfer.probe import with_object_miou
+    out = {}
+    for task in ("depth", "segmentation"):
+        if task == "depth":
+            config = finetune_config("depth")
+        else:
+            config = finetune_config("segmentation", num_classes=len(PROCEDURAL_CLASS_NAMES))
+            config.class_names = tuple(PROCEDURAL_CLASS_NAMES)
+        steps = s["finetune_steps"]
+        config.model.update(variant=s["variant"], image_size=s["image_size"])
+        config.head.kind = "linear"
+        config.layer_decay = 1.0
+        config.update(batch_size=s["batch"], total_steps=steps, seed=seed, log_every=max(steps // 4, 1),
+                      checkpoint_every=max(steps // 2, 1), keep_checkpoints=1, init_from=encoder_dir)
+        config.optim.update(lr=s["finetune_lr"], warmup_steps=max(steps // 10, 1))
+        config.data.path = sets["labelled"]
+        config.eval_data.path = sets["eval"]
+        config.eval.batch_size = 64
+        _, evaluation = run_finetune(config, os.path.join(workdir, task), f"finetune {task}")
+        metrics = dict(evaluation["metrics"])
+        if task == "segmentation":
+            metrics = with_object_miou({**metrics, "per_class_iou": evaluation["per_class_iou"]}, STUFF)
+        out[task] = metrics
+    return out
+
+
+def cached(path: str, compute):
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    value = compute()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(value, f)
+    return value
+
+
+# ----------------------------------------------------------------------------------------- the report
+
+def values(results: dict, arm: str, readout: str, task: str, key: str, seeds) -> np.ndarray:
+    return np.array([results[str(seed)][arm][readout][task][key] for seed in seeds])
+
+
+def spread(a: np.ndarray, b: np.ndarray) -> float:
+    """The seed-to-seed spread of a comparison: the larger sample standard deviation of the two arms."""
+    return float(max(np.std(a, ddof=1), np.std(b, ddof=1))) if len(a) > 1 else float("nan")
+
+
+def verdict(better: np.ndarray, worse: np.ndarray, higher_is_better: bool) -> tuple[float, float, str]:
+    """(gain, spread, verdict): gain > 0 means `better` is better; 'holds' when the gain exceeds three
+    spreads, 'reversed' when the loss does, else 'within noise'."""
+    gain = float(np.mean(better) - np.mean(worse)) * (1 if higher_is_better else -1)
+    noise = spread(better, worse)
+    if not np.isfinite(noise):
+        return gain, noise, "one seed: no spread"
+    return gain, noise, "holds" if gain > 3 * noise else "reversed" if -gain > 3 * noise else "within noise"
+
+
+def report(results: dict, blind: dict, arms, readouts, seeds, plan, flops, pretrain_log: dict, s: dict) -> str:
+    lines = [f"Settings: {json.dumps(s)}", "", f"Seeds {list(seeds)}; cells are mean ± sample std over seeds.", ""]
+    for readout in readouts:
+        lines += [f"### Read-out: {'frozen-feature linear probe' if readout == 'probe' else 'fine-tuning, linear head'}",
+                  "", "| arm | " + " | ".join(f"{label} {'↑' if up else '↓'}" for _, _, label, up in METRICS) + " |",
+                  "|---" * (1 + len(METRICS)) + "|",
+                  "| *image-blind* | " + " | ".join(f"{blind[t][k]:.3f}" for t, k, _, _ in METRICS) + " |"]
+        for arm in arms:
+            cells = []
+            for task, key, _, _ in METRICS:
+                v = values(results, arm, readout, task, key, seeds)
+                cells.append(f"{v.mean():.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["### Pre-training", "", "| arm | steps | TFLOPs | final losses, value / trivial (seed 0) |",
+              "|---|---|---|---|"]
+    for arm in arms:
+        steps = " + ".join(str(n) for _, _, n in plan[arm]) or "0"
+        tflops = sum(flops["stage1" if stage == 1 else key] * n for stage, key, n in plan[arm]) / 1e12
+        losses = pretrain_log.get(arm, {})
+        shown = ", ".join(f"{k} {v:.3f} / {losses[k + '_trivial']:.3f}" for k, v in losses.items()
+                          if not k.endswith("_trivial") and k + "_trivial" in losses)
+        lines.append(f"| {arm} | {steps} | {tflops:.2f} | {shown or '-'} |")
+    lines += ["", "### Claims (gain > 0: the first arm is better; holds: gain > 3 x spread)", "",
+              "| claim | read-out | " + " | ".join(label for _, _, label, _ in METRICS) + " |",
+              "|---|---|" + "---|" * len(METRICS)]
+    for better, worse, text in CLAIMS:
+        if better not in arms or worse not in arms:
+            continue
+        for readout in readouts:
+            cells = []
+            for task, key, _, up in METRICS:
+                gain, noise, word = verdict(values(results, better, readout, task, key, seeds),
+                                            values(results, worse, readout, task, key, seeds), up)
+                cells.append(f"{gain:+.3f} (±{noise:.3f}) {word}")
+            lines.append(f"| {text} ({better} vs {worse}) | {readout} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("--mode", choices=("smoke", "quick", "full"), default="full",
+                        help="quick: the positive control, probes only; smoke: tiny, for the tests")
+    parser.add_argument("--arms", nargs="+", choices=tuple(ARMS), help="a subset of the mode's arms")
+    parser.add_argument("--seeds", type=int, nargs="+", help="default: the mode's (3 seeds)")
+    parser.add_argument("--no-finetune", action="store_true", help="probes only")
+    parser.add_argument("--describe-data", action="store_true", help="print the sets' class shares and the "
+                        "image-blind predictor, then stop")
+    args = parser.parse_args()
+    s = settings(args.mode)
+    arms = tuple(args.arms or MODE_ARMS[args.mode])
+    seeds = tuple(args.seeds or ((0, 1) if args.mode == "smoke" else (0, 1, 2)))
+    readouts = ("probe",) if args.no_finetune or args.mode == "quick" else READOUTS
+    os.makedirs(args.workdir, exist_ok=True)
+    claim_workdir(args.workdir, s)
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+
+    started = time.perf_counter()
+    log_path = os.path.join(args.workdir, "study.log")
+
+    def log(message):
+        line = f"[study {time.perf_counter() - started:6.0f} s] {message}"
+        print(line, flush=True)
+        with open(log_path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+    sets = make_data(args.workdir, s)
+    data = describe_data(sets, s, log)
+    if args.describe_data:
+        return 0
+    flops = step_flops(s, arms)
+    plan, budget = pretrain_plan(s, flops, arms)
+    log(f"budget {budget / 1e12:.2f} TFLOPs per arm; plan " + "; ".join(
+        f"{a}: {' + '.join(str(n) for _, _, n in p) or 0} steps" for a, p in plan.items()))
+
+    results, pretrain_log = {}, {}
+    for seed in seeds:
+        results[str(seed)] = {}
+        for arm in arms:
+            encoder_dir = run_pretraining(s, plan, arm, seed, args.workdir, sets["pretrain"], log)
+            if seed == seeds[0] and encoder_dir:
+                pretrain_log[arm] = final_losses(encoder_dir)
+            out_dir = os.path.join(args.workdir, f"seed{seed}", "readout", arm)
+            arm_results = {"probe": cached(os.path.join(out_dir, "probe.json"),
+                                           lambda: probe_readout(s, encoder_dir, seed, data))}
+            if "finetune" in readouts:
+                arm_results["finetune"] = cached(os.path.join(out_dir, "finetune.json"),
+                                                 lambda: finetune_readout(s, encoder_dir, seed, sets, out_dir))
+            results[str(seed)][arm] = arm_results
+            log(f"{arm} seed {seed}: " + "; ".join(
+                f"{r} " + ", ".join(f"{label} {arm_results[r][t][k]:.3f}" for t, k, label, _ in METRICS)
+                for r in readouts))
+
+    text = report(results, data["blind"], arms, readouts, seeds, plan, flops, pretrain_log, s)
+    total = time.perf_counter() - started
+    text = f"Total wall time {total / 60:.1f} min.\n\n" + text
+    with open(os.path.join(args.workdir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(text)
+    with open(os.path.join(args.workdir, "results.json"), "w", encoding="utf-8") as f:
+        json.dump(dict(settings=s, seeds=seeds, arms=arms, plan=plan, flops_per_step=flops, budget_flops=budget,
+                       image_blind=data["blind"], results=results, total_seconds=total), f, indent=1)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

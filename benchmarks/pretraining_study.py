@@ -30,6 +30,11 @@ Verdicts: a difference counts only when it exceeds three times the seed-to-seed 
 sample standard deviation of the two arms). The positive control comes first: MAE and the contrastive
 stage must beat scratch that way before any M3 claim is read.
 
+Expected result (docs/results.md, "Does pre-training work?"): at these settings the positive control
+does not pass; only the segmentation probe's pixel accuracy separates MAE and the contrastive stage
+from a random encoder. Time on the 2-core CPU, shared with other work: about 19 min a seed for five
+arms with probes, 4-8 min a fine-tune; the quick mode's three arms 15-27 min a seed.
+
 Every run is a work directory under WORKDIR; re-running skips what is finished and resumes what is not
 (the trainer resumes from its checkpoints). WORKDIR keeps the settings it was made with and refuses
 others. The report goes to WORKDIR/results.md and results.json.
@@ -348,7 +353,7 @@ def report(results: dict, blind: dict, arms, readouts, seeds, plan, flops, pretr
                 cells.append(f"{v.mean():.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
             lines.append(f"| {arm} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["### Pre-training", "", "| arm | steps | TFLOPs | final losses, value / trivial (seed 0) |",
+    lines += ["### Pre-training", "", f"| arm | steps | TFLOPs | final losses, value / trivial (seed {seeds[0]}) |",
               "|---|---|---|---|"]
     for arm in arms:
         steps = " + ".join(str(n) for _, _, n in plan[arm]) or "0"

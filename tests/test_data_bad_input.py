@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import os
 
 import numpy as np
 import pytest
@@ -144,3 +145,71 @@ def test_converter_rejects_non_finite_intrinsics(tmp_path):
     )
     with pytest.raises(RecordError, match=r"record 0.*intrinsics"):
         convert.write_example_shards(examples, str(tmp_path / "out"), "x", source_path=str(tmp_path))
+
+
+def _folder_cli(tmp_path, out, *extra):
+    return ["folder", "--root", str(tmp_path), "--rgb", "rgb/*.png", "--depth", "depth/*.png",
+            "--depth-scale", "0.001", "--out", str(out), *extra]
+
+
+def test_failed_conversion_leaves_no_shard(tmp_path, capsys):
+    _folder(tmp_path, n=4)
+    Image.fromarray(np.full((6, 8), 700, np.uint16)).save(tmp_path / "depth" / "3.png")  # the last frame is bad
+    out = tmp_path / "out"
+    assert convert.main(_folder_cli(tmp_path, out, "--num-shards", "2")) == 1
+    assert f"{tmp_path / 'depth' / '3.png'}: depth size (6, 8) differs" in capsys.readouterr().err
+    assert os.listdir(out) == []  # neither the 3 good frames' shards nor their temporary files
+
+
+def test_reconverting_into_a_folder_with_shards_needs_overwrite(tmp_path, capsys):
+    _folder(tmp_path, n=6)
+    out = tmp_path / "out"
+    assert convert.main(_folder_cli(tmp_path, out, "--num-shards", "3")) == 0
+    first = records.record_files_in(str(out))
+    assert convert.main(_folder_cli(tmp_path, out, "--num-shards", "2")) == 1
+    err = capsys.readouterr().err
+    assert f"error: {out}: already holds 3 record files" in err and "--overwrite" in err
+    assert records.record_files_in(str(out)) == first
+    assert convert.main(_folder_cli(tmp_path, out, "--num-shards", "2", "--overwrite")) == 0
+    assert [os.path.basename(p) for p in records.record_files_in(str(out))] == [
+        "folder-00000-of-00002.array_record", "folder-00001-of-00002.array_record"]
+    assert len(_run(str(out))) == 6  # every frame once
+
+
+@pytest.mark.parametrize("fmt", records.FORMATS)
+def test_pipeline_refuses_a_folder_of_mixed_or_incomplete_sets(tmp_path, fmt):
+    def write_set(prefix, count):
+        for i in range(count):
+            records.write_records(records.shard_name(str(tmp_path), prefix, i, count, fmt),
+                                  [schema.serialize_example(_good(i))])
+
+    write_set("nyu", 4)
+    write_set("nyu", 2)
+    ext = ".array_record" if fmt == records.ARRAY_RECORD else ".tfrecord"
+    with pytest.raises(RecordError, match=rf"{tmp_path}: holds shards of more than one set: "
+                                          rf"nyu-\*-of-00002{ext} \(2 files\), nyu-\*-of-00004{ext} \(4 files\)"):
+        _run(str(tmp_path))
+    with pytest.raises(RecordError, match="more than one set"):
+        _run(str(tmp_path / f"*{ext}"))
+    for i in range(2):
+        os.remove(records.shard_name(str(tmp_path), "nyu", i, 2, fmt))
+    os.remove(records.shard_name(str(tmp_path), "nyu", 2, 4, fmt))
+    with pytest.raises(RecordError, match=rf"{tmp_path}: the set nyu-\*-of-00004{ext} \(3 files\) is incomplete: "
+                                          rf"missing nyu-00002-of-00004{ext}"):
+        _run(str(tmp_path))
+    assert len(_run(records.shard_name(str(tmp_path), "nyu", 0, 4, fmt))) == 1  # a file named: read as given
+
+
+@pytest.mark.parametrize("fmt", records.FORMATS)
+def test_truncated_shard_is_named_before_reading(tmp_path, fmt):
+    paths = [records.shard_name(str(tmp_path), "t", i, 2, fmt) for i in range(2)]
+    for i, path in enumerate(paths):
+        records.write_records(path, [schema.serialize_example(_good(3 * i + j)) for j in range(3)])
+    with open(paths[1], "r+b") as f:
+        f.truncate(os.path.getsize(paths[1]) * 2 // 3 - 7)  # inside a record: TFRecord cannot tell a cut between two
+    with pytest.raises(RecordError, match="truncated") as info:
+        pipeline.make_pipeline(str(tmp_path), batch_size=1, image_size=8, train=True, shard_index=0, shard_count=1)
+    assert info.value.path == paths[1] and str(info.value).startswith(paths[1])
+    log = pipeline.SkipLog()
+    assert len(_run(str(tmp_path), skip_bad_records=True, skip_log=log)) == 3  # the intact shard
+    assert log.count == 1 and paths[1] in log.errors[0]

@@ -3,6 +3,7 @@ fixtures in the on-disk layouts of the NYU labeled .mat, ScanNet exports and TUM
 
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mmcmae_jax.data import convert, pipeline, records, schema, sources
+from mmcmae_jax.data.errors import RecordError
 
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rgbd_real")
 
@@ -200,3 +202,163 @@ def test_cli_folder_then_pipeline(tmp_path):
     assert len(batches) == 2
     np.testing.assert_allclose(batches[0]["depth_m"][0], 1.0)
     np.testing.assert_array_equal(batches[0]["label"], 255)  # no labels: all ignore, fixed shape
+
+
+def _room_depth_mm(h=48, w=64, seed=0):
+    """Millimetres of a room seen from 2.5-5.5 m, 10% holes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    mm = 2500 + 3000 * xx / w + 200 * yy / h + rng.integers(0, 30, (h, w))
+    mm[rng.random((h, w)) < 0.1] = 0
+    return mm.astype(np.uint16)
+
+
+def _sunrgbd_encode(mm):
+    """SUN RGB-D's on-disk depth: millimetres with the 16 bits rotated left by 3."""
+    mm = mm.astype(np.uint32)
+    return (((mm << 3) | (mm >> 13)) & 0xFFFF).astype(np.uint16)
+
+
+def _kinect_disparity(h=48, w=64):
+    rng = np.random.default_rng(3)
+    raw = rng.integers(400, 1080, (h, w))
+    raw[rng.random((h, w)) < 0.1] = 2047  # Kinect's "no measurement"
+    return raw.astype(np.uint16)
+
+
+def _write_frames(root, depth_images, *, depth_ext="png", rgb=None):
+    """rgb/i.png and depth/i.<depth_ext> for each depth image (an array, or bytes written as they are)."""
+    (root / "rgb").mkdir(parents=True)
+    (root / "depth").mkdir()
+    for i, depth in enumerate(depth_images):
+        h, w = depth.shape if hasattr(depth, "shape") else (48, 64)
+        image = rgb if rgb is not None else Image.fromarray(np.full((h, w, 3), 30 * i, np.uint8))
+        image.save(root / "rgb" / f"{i}.png")
+        if isinstance(depth, bytes):
+            (root / "depth" / f"{i}.{depth_ext}").write_bytes(depth)
+        else:
+            Image.fromarray(depth).save(root / "depth" / f"{i}.{depth_ext}")
+
+
+def _folder_args(root, out, *extra, depth="depth/*.png", scale="0.001"):
+    return ["folder", "--root", str(root), "--rgb", "rgb/*.png", "--depth", depth, "--depth-scale", scale,
+            "--out", str(out), *extra]
+
+
+def test_sunrgbd_depth_through_folder_without_its_encoding_is_refused(tmp_path, capsys):
+    room, close_up = _room_depth_mm(), _room_depth_mm() // 2  # medians 4.1 m and 2.0 m (x8: 33 m and 16 m)
+    for mm in (room, close_up):
+        shutil.rmtree(tmp_path / "rgb", ignore_errors=True)
+        shutil.rmtree(tmp_path / "depth", ignore_errors=True)
+        _write_frames(tmp_path, [_sunrgbd_encode(mm), _sunrgbd_encode(mm)])
+        out = tmp_path / "out"
+        assert convert.main(_folder_args(tmp_path, out)) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"error: {tmp_path / 'depth' / '0.png'}: depth")
+        assert "--depth-encoding sunrgbd --depth-scale 0.001" in err
+        assert not os.path.exists(out) or not records.record_files_in(str(out))
+        assert convert.main(_folder_args(tmp_path, out, "--depth-encoding", "sunrgbd")) == 0
+        frame = schema.decode_example(_frames(records.expand_paths(str(out)))["0"])
+        np.testing.assert_allclose(frame.depth_m, mm / 1000.0, rtol=1e-6)
+        shutil.rmtree(out)
+
+
+def test_plausible_depth_range_is_the_users_to_set(tmp_path, capsys):
+    _write_frames(tmp_path, [_room_depth_mm() * 7])  # millimetres, 17-39 m: not an indoor scene
+    assert convert.main(_folder_args(tmp_path, tmp_path / "out")) == 1
+    err = capsys.readouterr().err
+    assert "0.png: implausible depth read as units of 0.001 m: valid median 28" in err and "--plausible-depth" in err
+    assert convert.main(_folder_args(tmp_path, tmp_path / "out", "--plausible-depth", "0.1,50,100")) == 0
+    with pytest.raises(SystemExit):
+        convert.main(_folder_args(tmp_path, tmp_path / "out2", "--plausible-depth", "5,1,100"))
+
+
+def test_real_sunrgbd_depth_through_folder_names_the_file_and_the_encoding(tmp_path):
+    root = _real("sunrgbd_mini/SUNRGBD")
+    with pytest.raises(RecordError, match=r"train_depth_raw/0*1\.png: depth values carry SUN RGB-D's bit rotation.*"
+                                          r"--depth-encoding sunrgbd --depth-scale 0\.001"):
+        list(sources.folder_examples(root, "train/color/*", "train_depth_raw/*.png", 0.001))
+
+
+def test_raw_kinect_disparity_is_refused_as_png_and_as_nyu_pgm(tmp_path):
+    disparity = _kinect_disparity()
+    _write_frames(tmp_path / "png", [disparity])
+    with pytest.raises(RecordError, match=r"depth/0\.png: depth values look like raw Kinect disparity \(11-bit"):
+        list(sources.folder_examples(str(tmp_path / "png"), "rgb/*.png", "depth/*.png", 0.001))
+    # NYU's raw frames: a PGM header, then the values little-endian (PGM readers take them big-endian).
+    pgm = b"P5\n64 48\n65535\n" + disparity.astype("<u2").tobytes()
+    _write_frames(tmp_path / "pgm", [pgm], depth_ext="pgm")
+    with pytest.raises(RecordError, match=r"depth/0\.pgm: depth must be a one-channel 16-bit PNG.*bytes swapped"):
+        list(sources.folder_examples(str(tmp_path / "pgm"), "rgb/*.png", "depth/*.pgm", 0.001))
+
+
+def test_eight_bit_depth_png_is_refused(tmp_path):
+    _write_frames(tmp_path, [np.full((48, 64), 200, np.uint8)])
+    with pytest.raises(RecordError, match=r"depth/0\.png: depth must be a one-channel 16-bit PNG.*mode L \(8 bits"):
+        list(sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001))
+
+
+def test_tum_and_scannet_depth_are_checked_too(tmp_path):
+    (tmp_path / "tum").mkdir()
+    (tmp_path / "scannet").mkdir()
+    _write_tum_sequence(tmp_path / "tum")
+    for name in os.listdir(tmp_path / "tum" / "depth"):  # centimetres, where TUM's 1/5000 m are expected
+        Image.fromarray(_room_depth_mm(8, 10) // 10).save(tmp_path / "tum" / "depth" / name)
+    with pytest.raises(RecordError, match=r"depth/1\.004000\.png: implausible depth read as units of 0\.0002 m"
+                                          r".*it looks like millimetres \(--depth-scale 0\.001\)"):
+        list(sources.tum_examples(str(tmp_path / "tum")))
+    depth_mm = _write_scannet_scene(tmp_path / "scannet")
+    Image.fromarray(depth_mm[1] * 11).save(tmp_path / "scannet" / "scene0000_00" / "depth" / "1.png")
+    with pytest.raises(RecordError, match=r"scene0000_00/depth/1\.png: implausible depth read as units of 0\.001 m"):
+        list(sources.scannet_examples(str(tmp_path / "scannet")))
+
+
+@pytest.mark.parametrize("mode", ["L", "P"])
+def test_grey_and_palette_rgb_become_rgb(tmp_path, mode):
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 255, (48, 64), dtype=np.uint8)
+    image = Image.fromarray(grey)
+    if mode == "P":
+        image = Image.fromarray(np.stack([grey, 255 - grey, grey // 2], -1)).convert("P", palette=Image.ADAPTIVE)
+    _write_frames(tmp_path, [_room_depth_mm()], rgb=image)
+    (ex,) = sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001)
+    frame = schema.decode_example(ex)
+    np.testing.assert_array_equal(frame.rgb, np.asarray(image.convert("RGB")))
+
+
+def _textured_rgb(h=240, w=320):
+    rng = np.random.default_rng(7)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([xx * 255 / w, yy * 255 / h, 128 + 60 * np.sin(xx / 9.0) * np.cos(yy / 7.0)], -1)
+    return np.clip(base + rng.normal(0, 6, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_jpeg_source_is_stored_as_its_own_bytes(tmp_path):
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "depth").mkdir()
+    for i in range(3):
+        Image.fromarray(np.roll(_textured_rgb(), 11 * i, axis=1)).save(tmp_path / "rgb" / f"{i}.jpg", quality=90)
+        Image.fromarray(_room_depth_mm(240, 320, seed=i)).save(tmp_path / "depth" / f"{i}.png")
+    examples = list(sources.folder_examples(str(tmp_path), "rgb/*.jpg", "depth/*.png", 0.001))
+    for ex in examples:
+        jpg, png = tmp_path / "rgb" / f"{ex.frame_id}.jpg", tmp_path / "depth" / f"{ex.frame_id}.png"
+        assert ex.rgb_format == "jpeg" and ex.rgb == jpg.read_bytes() and ex.depth == png.read_bytes()
+        source_bytes = jpg.stat().st_size + png.stat().st_size
+        assert len(schema.serialize_example(ex)) <= 1.2 * source_bytes
+        np.testing.assert_array_equal(schema.decode_example(ex).rgb, np.asarray(Image.open(jpg)))
+
+
+def test_scannet_colour_is_kept_as_its_jpeg_and_resized_when_read(tmp_path):
+    _write_scannet_scene(tmp_path)
+    scene = tmp_path / "scene0000_00"
+    (ex,) = [e for e in sources.scannet_examples(str(tmp_path), label_map=str(tmp_path / "labels.tsv"))
+             if e.frame_id.endswith("/1")]
+    assert ex.rgb == (scene / "color" / "1.jpg").read_bytes() and ex.rgb_format == "jpeg"
+    assert ex.depth == (scene / "depth" / "1.png").read_bytes() and ex.resize_rgb_to_depth
+    back = schema.parse_example(schema.serialize_example(ex))
+    assert back == ex
+    want = np.asarray(Image.open(scene / "color" / "1.jpg").resize((32, 24), Image.BILINEAR))
+    assert np.abs(schema.decode_example(back).rgb.astype(int) - want).max() <= 2
+    source_bytes = sum((scene / sub / f"1.{ext}").stat().st_size
+                       for sub, ext in (("color", "jpg"), ("depth", "png"), ("label-filt", "png")))
+    assert len(schema.serialize_example(ex)) <= 1.2 * source_bytes

@@ -1,5 +1,7 @@
 """Schema round trip and the two shard formats, including CRC checks."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -79,3 +81,22 @@ def test_depth_units_sunrgbd_rotation_and_quantisation():
     np.testing.assert_array_equal(depth_units.sunrgbd_to_millimetres(encoded), mm)
     units = depth_units.metres_to_units(np.array([0.0, np.nan, 1.2345, 20.0]), depth_units.FINE_UNIT)
     np.testing.assert_array_equal(units, [0, 0, 6172, 0])  # 20 m is out of range: no measurement
+
+
+def test_shard_set_appears_whole_or_not_at_all(tmp_path):
+    data = [schema.serialize_example(_example(i)) for i in range(2)]
+    with pytest.raises(RuntimeError, match="stopped"):
+        with records.ShardSetWriter(str(tmp_path), "s", 2, records.TFRECORD) as shard_set:
+            records.write_records(shard_set.temporary_paths[0], data)
+            raise RuntimeError("stopped before the second shard")
+    assert os.listdir(tmp_path) == []
+    with records.ShardSetWriter(str(tmp_path), "s", 2, records.TFRECORD) as shard_set:
+        for path in shard_set.temporary_paths:
+            records.write_records(path, data)
+    assert records.expand_paths(str(tmp_path)) == shard_set.paths
+    assert [records.count_records(p) for p in shard_set.paths] == [2, 2]
+    with pytest.raises(RecordError, match=r"already holds 2 record files \(s-00000-of-00002\.tfrecord, "):
+        records.ShardSetWriter(str(tmp_path), "other", 1, records.TFRECORD)
+    with records.ShardSetWriter(str(tmp_path), "other", 1, records.TFRECORD, overwrite=True) as shard_set:
+        records.write_records(shard_set.temporary_paths[0], data)
+    assert records.expand_paths(str(tmp_path)) == [str(tmp_path / "other-00000-of-00001.tfrecord")]

@@ -52,10 +52,10 @@ class _Element:
 class _ArrayRecordSource(grain.sources.RandomAccessDataSource):
     """grain's ArrayRecordDataSource over many files, returning elements that know their file/record."""
 
-    def __init__(self, paths: Sequence[str]):
+    def __init__(self, paths: Sequence[str], counts: Sequence[int]):
         self._paths = list(paths)
         self._source = grain.sources.ArrayRecordDataSource(self._paths)
-        self._ends = np.cumsum([records.count_records(p, records.ARRAY_RECORD) for p in self._paths])
+        self._ends = np.cumsum(counts)
 
     def __len__(self) -> int:
         return int(self._ends[-1]) if len(self._ends) else 0
@@ -200,6 +200,26 @@ def _not_none(x) -> bool:
     return x is not None
 
 
+def check_shards(paths: Sequence[str], fmt: str, skip_log: SkipLog | None = None) -> tuple[list[str], list[int]]:
+    """Check every shard before reading (records.check_shard): a missing, truncated or unreadable file
+    raises RecordError naming it, or with skip_log is counted there and left out.
+
+    Returns the usable paths and their record counts."""
+    usable, counts = [], []
+    for path in paths:
+        try:
+            counts.append(records.check_shard(path, fmt))
+        except RecordError as e:
+            if skip_log is None:
+                raise
+            skip_log.add(e)
+            continue
+        usable.append(path)
+    if not usable:
+        raise RecordError(paths[0], f"none of the {len(paths)} record files can be read")
+    return usable, counts
+
+
 def _process_shard(shard_index, shard_count):
     if shard_index is None or shard_count is None:
         import jax  # only when the caller does not say: tests and tools need no JAX here
@@ -238,13 +258,17 @@ def make_pipeline(
 ) -> grain.DatasetIterator:
     """An iterator of batches (dicts of NumPy arrays; see docs/data.md for the contract).
 
+    Every shard is checked before the iterator is returned (check_shards), and a directory's shards must
+    form one set (records.expand_paths).
+
     Args:
       paths_or_pattern: record files, glob patterns, comma-separated lists or directories.
       train: random augmentation and shuffling; else central crop, file order, no randomness.
       format: "array_record", "tfrecord" or "auto" (from the file names).
       num_epochs: None repeats forever when training, and means one pass otherwise.
       shard_index, shard_count: this process's part; default jax.process_index()/process_count().
-      skip_bad_records: count, log and skip bad records instead of raising.
+      skip_bad_records: count, log and skip bad records (and shards that fail the check) instead of
+        raising.
       worker_count: grain worker processes (0: in this process).
       skip_log: receives the skipped records' errors (only with worker_count=0).
     Returns:
@@ -265,10 +289,12 @@ def make_pipeline(
     options = augment.AugmentOptions(
         tuple(crop_scale), tuple(crop_ratio), hflip_prob, brightness, contrast, saturation, depth_trim
     )
-    transform = _FrameTransform(image_size, train, seed, options, skip_bad_records, skip_log or SkipLog())
+    skip_log = skip_log or SkipLog()
+    transform = _FrameTransform(image_size, train, seed, options, skip_bad_records, skip_log)
+    paths, counts = check_shards(paths, fmt, skip_log if skip_bad_records else None)
 
     if fmt == records.ARRAY_RECORD:
-        ds = grain.MapDataset.source(_ArrayRecordSource(paths))
+        ds = grain.MapDataset.source(_ArrayRecordSource(paths, counts))
         per_shard = len(ds) // shard_count  # equal parts, so every process takes the same number of steps
         if per_shard == 0:
             raise ValueError(f"{len(ds)} records cannot be split over {shard_count} processes")

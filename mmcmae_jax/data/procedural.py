@@ -1188,12 +1188,15 @@ def write_procedural_dataset(
     num_workers: int | None = None,
     prefix: str = "procedural",
     style: str = "rooms",
+    overwrite: bool = False,
 ) -> list[str]:
     """Render `num_frames` frames in `style` (STYLES) into `num_shards` shard files under out_dir;
     returns their paths.
 
     Shards are written in parallel by `num_workers` processes (default: all cores). Frame i is the same
-    whatever the shard count. A `procedural.json` beside the shards records the arguments.
+    whatever the shard count. A `procedural.json` beside the shards records the arguments. The shards
+    appear in out_dir only when all are written (records.ShardSetWriter); an out_dir that already holds
+    record files is refused (RecordError) unless overwrite, which replaces them.
     """
     check_style(style)
     if format not in records.FORMATS:
@@ -1205,10 +1208,11 @@ def write_procedural_dataset(
         )
     num_shards = min(num_shards, num_frames)
     os.makedirs(out_dir, exist_ok=True)
+    shard_set = records.ShardSetWriter(out_dir, prefix, num_shards, format, overwrite=overwrite)
     bounds = np.linspace(0, num_frames, num_shards + 1).astype(int)
     jobs = [
         (
-            records.shard_name(out_dir, prefix, i, num_shards, format),
+            shard_set.temporary_paths[i],
             format,
             seed,
             int(bounds[i]),
@@ -1220,12 +1224,15 @@ def write_procedural_dataset(
         for i in range(num_shards)
     ]
     workers = min(num_workers or os.cpu_count() or 1, num_shards)
-    if workers > 1:
-        # spawn, not fork: the caller (the trainer) may already run JAX's threads.
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            paths = pool.map(_write_shard, jobs, chunksize=1)
-    else:
-        paths = [_write_shard(job) for job in jobs]
+    with shard_set:
+        if workers > 1:
+            # spawn, not fork: the caller (the trainer) may already run JAX's threads.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                pool.map(_write_shard, jobs, chunksize=1)
+        else:
+            for job in jobs:
+                _write_shard(job)
+    paths = shard_set.paths
     meta = dict(
         num_frames=num_frames,
         image_size=image_size,
@@ -1282,5 +1289,6 @@ def ensure_procedural_dataset(
         print(f"[data] replacing the procedural set in {out_dir} ({changed or 'shards missing'}); give each "
               f"set its own procedural_dir to keep both", flush=True)
     return write_procedural_dataset(
-        out_dir, num_frames, image_size, seed, num_shards, format, depth_noise, prefix=prefix, style=style
+        out_dir, num_frames, image_size, seed, num_shards, format, depth_noise, prefix=prefix, style=style,
+        overwrite=True,
     )

@@ -3,6 +3,8 @@
 Feature keys (all single values unless said):
   rgb/encoded      bytes   PNG or JPEG
   rgb/format       bytes   b"png" or b"jpeg"
+  rgb/resize_to_depth int64  optional 1: the image is stored at its own size (e.g. ScanNet's 1296x968
+                           colour JPEG, kept as its source bytes) and resized to the depth size on read
   depth/encoded    bytes   uint16 PNG
   depth/scale      float   metres per depth unit (0 = no measurement)
   label/encoded    bytes   optional uint8/uint16 PNG; class index, 255 = unlabelled
@@ -28,6 +30,7 @@ from mmcmae_jax.data import depth_units
 from mmcmae_jax.data.errors import RecordError
 
 IGNORE_LABEL = 255
+RGB_FORMATS = ("png", "jpeg")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +46,7 @@ class RGBDExample:
     label: bytes | None = None
     label_set: str | None = None
     intrinsics: tuple[float, float, float, float] | None = None
+    resize_rgb_to_depth: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,14 +85,43 @@ def example_from_arrays(
     rgb_format: str = "png",
 ) -> RGBDExample:
     """Encode arrays (rgb uint8 HxWx3, depth uint16 units, label ints with 255 = ignore)."""
-    rgb_bytes = encode_png(rgb) if rgb_format == "png" else encode_jpeg(rgb)
+    return example_from_encoded(
+        encode_png(rgb) if rgb_format == "png" else encode_jpeg(rgb),
+        rgb_format,
+        encode_png(depth_units_u16.astype(np.uint16)),
+        depth_scale,
+        frame_id=frame_id,
+        source=source,
+        label=label,
+        label_set=label_set,
+        intrinsics=intrinsics,
+    )
+
+
+def example_from_encoded(
+    rgb: bytes,
+    rgb_format: str,
+    depth_png: bytes,
+    depth_scale: float,
+    *,
+    frame_id: str,
+    source: str,
+    label: np.ndarray | None = None,
+    label_set: str | None = None,
+    intrinsics=None,
+    resize_rgb_to_depth: bool = False,
+) -> RGBDExample:
+    """An example from already encoded images (e.g. a source's own JPEG and uint16 PNG bytes, stored
+    without decoding and re-encoding them) and a label array (ints, 255 = ignore)."""
+    if rgb_format not in RGB_FORMATS:
+        raise ValueError(f"rgb format must be one of {RGB_FORMATS}, got {rgb_format!r}")
     label_bytes = None
     if label is not None:
         label = np.asarray(label)
         label_bytes = encode_png(label.astype(np.uint8 if label.max(initial=0) < 256 else np.uint16))
     return RGBDExample(
-        rgb=rgb_bytes,
-        depth=encode_png(depth_units_u16.astype(np.uint16)),
+        rgb=rgb,
+        depth=depth_png,
         depth_scale=float(depth_scale),
         frame_id=frame_id,
         source=source,
@@ -96,6 +129,7 @@ def example_from_arrays(
         label=label_bytes,
         label_set=label_set,
         intrinsics=None if intrinsics is None else tuple(float(v) for v in intrinsics),
+        resize_rgb_to_depth=resize_rgb_to_depth,
     )
 
 
@@ -114,6 +148,8 @@ def serialize_example(ex: RGBDExample) -> bytes:
         feat["label/class_set"].bytes_list.value.append((ex.label_set or "").encode())
     if ex.intrinsics is not None:
         feat["camera/intrinsics"].float_list.value.extend(ex.intrinsics)
+    if ex.resize_rgb_to_depth:
+        feat["rgb/resize_to_depth"].int64_list.value.append(1)
     return proto.SerializeToString()
 
 
@@ -150,13 +186,23 @@ def parse_example(data: bytes, *, path: str = "<bytes>", record=None) -> RGBDExa
         label=one_bytes("label/encoded", required=False),
         label_set=None if label_set is None else label_set.decode(),
         intrinsics=tuple(float(str(np.float32(v))) for v in intr) if intr else None,
+        resize_rgb_to_depth="rgb/resize_to_depth" in feat and any(feat["rgb/resize_to_depth"].int64_list.value),
     )
 
 
-def _decode_image(data: bytes, what: str, path, record) -> np.ndarray:
+def _decode_image(data: bytes, what: str, path, record, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Pixels of an encoded image (an rgb image in palette, CMYK or other colour modes converted to RGB);
+    with size (width, height), resized to it (bilinear; a JPEG is first decoded at the smallest of its
+    DCT scales that is not smaller)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            if size is not None and im.size != size:
+                im.draft(None, size)
             im.load()
+            if what == "rgb" and im.mode not in ("RGB", "L"):
+                im = im.convert("RGB")
+            if size is not None and im.size != size:
+                im = im.resize(size, Image.BILINEAR)
             return np.asarray(im)
     except Exception as e:  # PIL raises several types for corrupt data.
         raise RecordError(
@@ -167,15 +213,16 @@ def _decode_image(data: bytes, what: str, path, record) -> np.ndarray:
 def decode_example(ex: RGBDExample, *, path: str = "<bytes>", record=None) -> DecodedFrame:
     """Decode pixels and check the frame is usable; any problem raises RecordError."""
     where = dict(path=path, record=record if record is not None else ex.frame_id)
-    rgb = _decode_image(ex.rgb, "rgb", **where)
+    units = _decode_image(ex.depth, "depth", **where)
+    if units.ndim != 2:
+        raise RecordError(path, f"depth has shape {units.shape}, expected (H, W)", record=where["record"])
+    depth_size = (units.shape[1], units.shape[0])
+    rgb = _decode_image(ex.rgb, "rgb", **where, size=depth_size if ex.resize_rgb_to_depth else None)
     if rgb.ndim == 2:
         rgb = np.repeat(rgb[..., None], 3, axis=-1)
     if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
         raise RecordError(path, f"rgb has shape {rgb.shape}, expected (H, W, 3)", record=where["record"])
     rgb = rgb[..., :3].astype(np.uint8)
-    units = _decode_image(ex.depth, "depth", **where)
-    if units.ndim != 2:
-        raise RecordError(path, f"depth has shape {units.shape}, expected (H, W)", record=where["record"])
     if units.shape != rgb.shape[:2]:
         raise RecordError(
             path, f"rgb size {rgb.shape[:2]} and depth size {units.shape} differ", record=where["record"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import logging
 import os
@@ -39,16 +40,65 @@ def guarded(items, make_example, skip_log=None):
         yield example
 
 
+def read_bytes(path: str) -> bytes:
+    """A file's bytes; a missing or unreadable file raises RecordError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise RecordError(path, "file does not exist") from None
+    except OSError as e:
+        raise RecordError(path, f"cannot read file ({e})") from None
+
+
+def _open_image(path: str, data: bytes) -> Image.Image:
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.load()
+        return im
+    except Exception as e:  # PIL raises several types for corrupt data.
+        raise RecordError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+
+
 def read_image(path: str) -> np.ndarray:
     """Pixels of an image file; a missing or undecodable file raises RecordError naming it."""
-    if not os.path.exists(path):
-        raise RecordError(path, "file does not exist")
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return np.asarray(im)
-    except Exception as e:
-        raise RecordError(path, f"cannot decode image ({type(e).__name__}: {e})") from None
+    return np.asarray(_open_image(path, read_bytes(path)))
+
+
+def read_rgb(path: str) -> tuple[np.ndarray, bytes, str]:
+    """A colour image's pixels (uint8 (H, W, 3)) and what a record stores of it: (bytes, format).
+
+    A JPEG or PNG of 8-bit RGB or grey is stored as its own bytes, never decoded and re-encoded (grey
+    becomes RGB when read); palette, grey with alpha, RGBA, CMYK and other formats are converted to RGB
+    and stored as PNG. An image of more than 8 bits per channel raises RecordError naming the file.
+    """
+    data = read_bytes(path)
+    im = _open_image(path, data)
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise RecordError(path, f"rgb image has {im.mode} pixels; colour images need 8 bits per channel")
+    rgb = np.asarray(im.convert("RGB"))
+    stored_format = {"JPEG": "jpeg", "PNG": "png"}.get(im.format)
+    if stored_format is not None and im.mode in ("RGB", "L"):
+        return rgb, data, stored_format
+    return rgb, schema.encode_png(rgb), "png"
+
+
+def read_depth_png(path: str) -> tuple[np.ndarray, bytes]:
+    """A depth image's uint16 values and the file's bytes; anything but a one-channel 16-bit PNG (an
+    8-bit PNG, a colour image, a PGM) raises RecordError naming the file."""
+    data = read_bytes(path)
+    im = _open_image(path, data)
+    raw = np.asarray(im)
+    if im.format == "PNG" and im.mode.startswith("I;16"):
+        return raw.astype(np.uint16), data
+    what = f"a {im.format or 'unknown'} image of mode {im.mode}"
+    if im.mode in ("L", "P", "1"):
+        what += " (8 bits: at most 255 depth units)"
+    hint = ""
+    if raw.ndim == 2 and raw.dtype.itemsize > 1 and raw.size and 0 <= raw.min() and raw.max() <= 65535:
+        disparity = depth_units.kinect_disparity(raw.astype(np.uint16))
+        hint = f"; its values look like {disparity}" if disparity else ""
+    raise RecordError(path, f"depth must be a one-channel 16-bit PNG; this is {what}{hint}")
 
 
 def one_based_labels(label: np.ndarray) -> np.ndarray:
@@ -86,13 +136,17 @@ def folder_examples(
     depth_encoding: str = "plain",
     intrinsics=None,
     source: str = "folder",
+    depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
     skip_log=None,
 ) -> Iterator[schema.RGBDExample]:
     """Paired files under root, matched by file stem (leading zeros ignored: 0001.png ~ 000001.png).
 
-    depth_encoding "plain": the PNG holds units of depth_scale metres; "sunrgbd": SUN RGB-D's rotated
-    bits (then depth_scale is 0.001). A frame without a label file gets no label.
+    depth_encoding "plain": the 16-bit PNG holds units of depth_scale metres (its bytes are stored as
+    they are); "sunrgbd": SUN RGB-D's rotated bits (then depth_scale is 0.001). Depth outside
+    depth_limits is an error. A frame without a label file gets no label.
     """
+    if depth_encoding not in depth_units.DEPTH_ENCODINGS:
+        raise ValueError(f"depth encoding must be one of {depth_units.DEPTH_ENCODINGS}, got {depth_encoding!r}")
     rgb_files = _files_by_key(root, rgb_pattern)
     if not rgb_files:
         raise RecordError(os.path.join(root, rgb_pattern), "pattern matches no rgb files")
@@ -103,21 +157,21 @@ def folder_examples(
         key, rgb_path = item
         if key not in depth_files:
             raise RecordError(rgb_path, f"no depth file matching {depth_pattern!r} for frame {key}")
-        rgb, raw = read_image(rgb_path), read_image(depth_files[key])
-        if raw.ndim != 2:
-            raise RecordError(depth_files[key], f"depth must be one channel, has shape {raw.shape}")
-        _check_same_size(rgb, raw, rgb_path, depth_files[key])
-        units = (
-            depth_units.sunrgbd_to_millimetres(raw) if depth_encoding == "sunrgbd" else raw.astype(np.uint16)
-        )
+        depth_path = depth_files[key]
+        rgb, rgb_bytes, rgb_format = read_rgb(rgb_path)
+        raw, depth_png = read_depth_png(depth_path)
+        _check_same_size(rgb, raw, rgb_path, depth_path)
+        units = depth_units.decode_raw(raw, depth_encoding)
+        depth_units.check_plausible(units, depth_scale, depth_path, depth_limits, raw=raw, encoding=depth_encoding)
         label = None
         if key in label_files:
             label = read_image(label_files[key])
             _check_same_size(rgb, label, rgb_path, label_files[key])
             label = one_based_labels(label) if labels_one_based else label
-        return schema.example_from_arrays(
-            rgb[..., :3],
-            units,
+        return schema.example_from_encoded(
+            rgb_bytes,
+            rgb_format,
+            depth_png if depth_encoding == "plain" else schema.encode_png(units),
             depth_scale,
             frame_id=key,
             source=source,
@@ -129,7 +183,13 @@ def folder_examples(
     return guarded(rgb_files.items(), one, skip_log)
 
 
-def sunrgbd_examples(root: str, split: str = "train", raw_depth: bool = False, skip_log=None):
+def sunrgbd_examples(
+    root: str,
+    split: str = "train",
+    raw_depth: bool = False,
+    depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
+    skip_log=None,
+):
     """SUN RGB-D as laid out in SUNRGBD/{split}/color/N.png and {split}_depth[_raw]/00000N.png."""
     return folder_examples(
         root,
@@ -138,6 +198,7 @@ def sunrgbd_examples(root: str, split: str = "train", raw_depth: bool = False, s
         depth_units.SOURCE_SCALES["sunrgbd"],
         depth_encoding="sunrgbd",
         source="sunrgbd",
+        depth_limits=depth_limits,
         skip_log=skip_log,
     )
 
@@ -163,6 +224,7 @@ def nyu_mat_examples(
     label_map: str | None = None,
     label_set: str = "nyu40",
     frames: list[int] | None = None,
+    depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
     skip_log=None,
 ) -> Iterator[schema.RGBDExample]:
     """NYU Depth V2 labeled set (nyu_depth_v2_labeled.mat, MATLAB v7.3 = HDF5).
@@ -202,6 +264,7 @@ def nyu_mat_examples(
             units = depth_units.metres_to_units(depth, scale)
             if not units.any():
                 raise RecordError(mat_path, "frame has no valid depth", record=i)
+            depth_units.check_plausible(units, scale, mat_path, depth_limits, record=i)
             return schema.example_from_arrays(
                 rgb,
                 units,
@@ -230,13 +293,15 @@ def scannet_examples(
     label_map: str | None = None,
     label_column: str = "nyu40id",
     label_set: str = "nyu40",
+    depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
     skip_log=None,
 ) -> Iterator[schema.RGBDExample]:
     """ScanNet frames exported by its SensReader (and the 2D label export), per scene:
     color/N.jpg, depth/N.png (uint16 mm), label-filt/N.png (ScanNet ids), intrinsic/intrinsic_depth.txt.
 
-    Colour (1296x968) and labels are resized to the depth size (640x480), so the three align, as
-    ScanNet's own 2D benchmark does. Labels need the mapping tsv (ScanNet id -> nyu40id).
+    The colour JPEG and the depth PNG are stored as their own bytes. Colour (1296x968) is resized to the
+    depth size (640x480) when it is read (the record says so), labels when converted, so the three
+    align, as ScanNet's own 2D benchmark does. Labels need the mapping tsv (ScanNet id -> nyu40id).
     """
     scenes = sorted(d for d in glob.glob(os.path.join(root, "*")) if os.path.isdir(os.path.join(d, "depth")))
     if os.path.isdir(os.path.join(root, "depth")):
@@ -254,12 +319,11 @@ def scannet_examples(
 
         def one(depth_path, name=name, intr=intr, scene=scene):
             key = os.path.splitext(os.path.basename(depth_path))[0]
-            depth = read_image(depth_path)
-            color_path = os.path.join(scene, "color", key + ".jpg")
-            rgb = read_image(color_path)
+            depth, depth_png = read_depth_png(depth_path)
+            scale = depth_units.SOURCE_SCALES["scannet"]
+            depth_units.check_plausible(depth, scale, depth_path, depth_limits, raw=depth)
+            rgb, rgb_bytes, rgb_format = read_rgb(os.path.join(scene, "color", key + ".jpg"))
             size = (depth.shape[1], depth.shape[0])
-            if rgb.shape[:2] != depth.shape:
-                rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
             label = None
             label_path = os.path.join(scene, "label-filt", key + ".png")
             if mapping is not None and os.path.exists(label_path):
@@ -270,16 +334,17 @@ def scannet_examples(
                 for k, v in mapping.items():
                     lut[k] = v
                 label = one_based_labels(lut[raw])
-            return schema.example_from_arrays(
-                rgb[..., :3],
-                depth.astype(np.uint16),
-                depth_units.SOURCE_SCALES["scannet"],
+            return schema.example_from_encoded(
+                rgb_bytes,
+                rgb_format,
+                depth_png,
+                scale,
                 frame_id=f"{name}/{key}",
                 source="scannet",
                 label=label,
                 label_set=label_set if label is not None else None,
                 intrinsics=intr,
-                rgb_format="jpeg",
+                resize_rgb_to_depth=rgb.shape[:2] != depth.shape,
             )
 
         yield from guarded(
@@ -328,7 +393,12 @@ def associate_by_timestamp(first, second, max_difference: float = 0.02):
 
 
 def tum_examples(
-    root: str, *, max_difference: float = 0.02, intrinsics=None, skip_log=None
+    root: str,
+    *,
+    max_difference: float = 0.02,
+    intrinsics=None,
+    depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
+    skip_log=None,
 ) -> Iterator[schema.RGBDExample]:
     """A TUM RGB-D sequence: rgb.txt and depth.txt ('timestamp filename'), depth uint16 / 5000 m."""
     rgb_list = _read_tum_list(os.path.join(root, "rgb.txt"))
@@ -340,12 +410,16 @@ def tum_examples(
     def one(pair):
         i, j = pair
         rgb_path, depth_path = (os.path.join(root, rgb_list[i][1]), os.path.join(root, depth_list[j][1]))
-        rgb, depth = read_image(rgb_path), read_image(depth_path)
+        rgb, rgb_bytes, rgb_format = read_rgb(rgb_path)
+        depth, depth_png = read_depth_png(depth_path)
         _check_same_size(rgb, depth, rgb_path, depth_path)
-        return schema.example_from_arrays(
-            rgb[..., :3],
-            depth.astype(np.uint16),
-            depth_units.SOURCE_SCALES["tum"],
+        scale = depth_units.SOURCE_SCALES["tum"]
+        depth_units.check_plausible(depth, scale, depth_path, depth_limits, raw=depth)
+        return schema.example_from_encoded(
+            rgb_bytes,
+            rgb_format,
+            depth_png,
+            scale,
             frame_id=f"{rgb_list[i][0]:.6f}",
             source="tum_rgbd",
             intrinsics=intrinsics,

@@ -102,7 +102,7 @@ def _carries_sunrgbd_rotation(raw: np.ndarray) -> bool:
     """SUN RGB-D's rotation makes every value under 8.192 m a multiple of 8: at least 99% of the valid
     values are, among at least 16 different ones (plain millimetres: about 1 in 8)."""
     valid = raw[raw > 0]
-    return np.unique(valid).size >= 16 and np.count_nonzero((valid & 7) == 0) >= 0.99 * valid.size
+    return bool(np.count_nonzero((valid & 7) == 0) >= 0.99 * valid.size) and np.unique(valid).size >= 16
 
 
 # (what it is, encoding, metres per unit, the `folder` options that read it), most specific first.

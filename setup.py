@@ -16,6 +16,7 @@ CORE = [
     "numpy>=1.26",
     "pillow>=10",
     "h5py>=3.10",
+    "scipy>=1.10",  # NYU's splits.mat and class mappings (MATLAB v5); also a dependency of jax
     "google-crc32c>=1.5",
     "tensorboardX>=2.6",
     "safetensors>=0.4",

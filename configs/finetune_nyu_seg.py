@@ -1,9 +1,10 @@
 """NYU Depth V2 semantic segmentation, 40 classes (Gupta et al.'s nyu40): RGB in, DPT head.
 
-Records (docs/data.md): the labelled frames with nyu40 labels, train and test as separate record sets,
-e.g. `python -m mmcmae_jax.data.convert nyu-mat --mat nyu_depth_v2_labeled.mat --label-map
-classMapping40.npy --label-set nyu40 --out NYU` or, from exported folders, `convert folder ...
---label 'label40/*.png' --label-set nyu40 --labels-one-based`. Labels are 0..39, 255 = unlabelled.
+Records (docs/datasets.md): the standard split's frames with nyu40 labels, train and test as separate
+record sets, e.g. `python -m mmcmae_jax.data.convert nyu-mat --mat nyu_depth_v2_labeled.mat --split train
+--label-map classMapping40.mat --out NYU_TRAIN` (and `--split test` to NYU_TEST) or, from exported
+folders, `convert folder ... --label 'label40/*.png' --label-set nyu40 --labels-one-based`. Labels are
+0..39, 255 = unlabelled.
 Run:
     python -m mmcmae_jax.finetune --config configs/finetune_nyu_seg.py:vit_b16 --workdir W/nyu_seg \
         --config.init_from=W/m3/stage2 --config.data.path=NYU_TRAIN --config.eval_data.path=NYU_TEST

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcmae_jax.data import convert, pipeline, records, schema, sources
+from mmcmae_jax.data import convert, pipeline, records, schema
+from mmcmae_jax.data.sources import folder
 from mmcmae_jax.data.errors import RecordError
 
 
@@ -113,22 +114,22 @@ def test_converter_missing_and_undecodable_files(tmp_path):
     _folder(tmp_path)
     (tmp_path / "depth" / "1.png").unlink()
     with pytest.raises(RecordError, match=r"rgb/1\.png.*no depth file"):
-        list(sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001))
+        list(folder.examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001))
     (tmp_path / "depth" / "1.png").write_bytes(b"not a png")
     with pytest.raises(RecordError, match=r"depth/1\.png: cannot decode"):
-        list(sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001))
+        list(folder.examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001))
 
 
 def test_converter_checks_frames_and_skips_when_asked(tmp_path):
     _folder(tmp_path)
     Image.fromarray(np.zeros((8, 8), np.uint16)).save(tmp_path / "depth" / "2.png")  # no valid depth
     Image.fromarray(np.full((6, 8), 700, np.uint16)).save(tmp_path / "depth" / "0.png")  # wrong size
-    examples = sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001)
+    examples = folder.examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001)
     with pytest.raises(RecordError, match="differs from rgb size"):
         convert.write_example_shards(examples, str(tmp_path / "out"), "x")
     log = pipeline.SkipLog()
     paths = convert.write_example_shards(
-        sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001, skip_log=log),
+        folder.examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001, skip_log=log),
         str(tmp_path / "out2"),
         "x",
         source_path=str(tmp_path),
@@ -140,7 +141,7 @@ def test_converter_checks_frames_and_skips_when_asked(tmp_path):
 
 def test_converter_rejects_non_finite_intrinsics(tmp_path):
     _folder(tmp_path, n=1)
-    examples = sources.folder_examples(
+    examples = folder.examples(
         str(tmp_path), "rgb/*.png", "depth/*.png", 0.001, intrinsics=(500.0, math.inf, 4.0, 4.0)
     )
     with pytest.raises(RecordError, match=r"record 0.*intrinsics"):

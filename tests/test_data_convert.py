@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcmae_jax.data import convert, pipeline, records, schema, sources
+from mmcmae_jax.data import convert, pipeline, records, schema
+from mmcmae_jax.data.sources import folder, nyu_mat, scannet, tum
 from mmcmae_jax.data.errors import RecordError
 
 REAL = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rgbd_real")
@@ -30,7 +31,7 @@ def _frames(paths):
 def test_nyu_png_folder_in_metres_with_labels(tmp_path):
     root = _real("nyu_mini")
     paths = convert.write_example_shards(
-        sources.folder_examples(
+        folder.examples(
             root,
             "rgb/*.png",
             "depth_mm/*.png",
@@ -39,7 +40,7 @@ def test_nyu_png_folder_in_metres_with_labels(tmp_path):
             label_set="nyu40",
             labels_one_based=True,
             source="nyu_depth_v2",
-            intrinsics=sources.NYU_INTRINSICS,
+            intrinsics=nyu_mat.NYU_INTRINSICS,
         ),
         str(tmp_path),
         "nyu",
@@ -105,7 +106,7 @@ def test_nyu_mat_reader_transposes_and_maps_labels(tmp_path):
     rgb, depth, labels = _write_nyu_mat(mat)
     mapping = (np.arange(894) % 40) + 1  # class k -> ((k-1) % 40) + 1
     np.save(tmp_path / "map40.npy", mapping)
-    examples = list(sources.nyu_mat_examples(mat, label_map=str(tmp_path / "map40.npy")))
+    examples = list(nyu_mat.examples(mat, label_map=str(tmp_path / "map40.npy")))
     assert [ex.frame_id for ex in examples] == ["0001", "0002"]
     frame = schema.decode_example(examples[1])
     np.testing.assert_array_equal(frame.rgb, rgb[1])
@@ -113,7 +114,7 @@ def test_nyu_mat_reader_transposes_and_maps_labels(tmp_path):
     want = np.where(labels[1] > 0, (labels[1] - 1) % 40, 255)
     np.testing.assert_array_equal(frame.label, want)
     assert examples[0].label_set == "nyu40" and examples[0].intrinsics == pytest.approx(
-        sources.NYU_INTRINSICS, rel=1e-6
+        nyu_mat.NYU_INTRINSICS, rel=1e-6
     )
 
 
@@ -137,7 +138,7 @@ def _write_scannet_scene(root, n=2):
 
 def test_scannet_export_millimetres_and_nyu40_labels(tmp_path):
     depth_mm = _write_scannet_scene(tmp_path)
-    examples = list(sources.scannet_examples(str(tmp_path), label_map=str(tmp_path / "labels.tsv")))
+    examples = list(scannet.examples(str(tmp_path), label_map=str(tmp_path / "labels.tsv")))
     assert [ex.frame_id for ex in examples] == ["scene0000_00/0", "scene0000_00/1"]
     frame = schema.decode_example(examples[1])
     assert frame.rgb.shape == (24, 32, 3)  # colour resized to the depth size
@@ -162,7 +163,7 @@ def _write_tum_sequence(root):
 
 def test_tum_associates_by_timestamp_and_divides_by_5000(tmp_path):
     _write_tum_sequence(tmp_path)
-    paths = convert.write_example_shards(sources.tum_examples(str(tmp_path)), str(tmp_path / "out"), "tum")
+    paths = convert.write_example_shards(tum.examples(str(tmp_path)), str(tmp_path / "out"), "tum")
     frames = _frames(paths)
     assert sorted(frames) == ["1.000000", "1.033000", "1.066000"]  # 1.5 s has no depth within 20 ms
     np.testing.assert_allclose(schema.decode_example(frames["1.033000"]).depth_m, 2.0)
@@ -277,25 +278,25 @@ def test_real_sunrgbd_depth_through_folder_names_the_file_and_the_encoding(tmp_p
     root = _real("sunrgbd_mini/SUNRGBD")
     with pytest.raises(RecordError, match=r"train_depth_raw/0*1\.png: depth values carry SUN RGB-D's bit rotation.*"
                                           r"--depth-encoding sunrgbd --depth-scale 0\.001"):
-        list(sources.folder_examples(root, "train/color/*", "train_depth_raw/*.png", 0.001))
+        list(folder.examples(root, "train/color/*", "train_depth_raw/*.png", 0.001))
 
 
 def test_raw_kinect_disparity_is_refused_as_png_and_as_nyu_pgm(tmp_path):
     disparity = _kinect_disparity()
     _write_frames(tmp_path / "png", [disparity])
     with pytest.raises(RecordError, match=r"depth/0\.png: depth values look like raw Kinect disparity \(11-bit"):
-        list(sources.folder_examples(str(tmp_path / "png"), "rgb/*.png", "depth/*.png", 0.001))
+        list(folder.examples(str(tmp_path / "png"), "rgb/*.png", "depth/*.png", 0.001))
     # NYU's raw frames: a PGM header, then the values little-endian (PGM readers take them big-endian).
     pgm = b"P5\n64 48\n65535\n" + disparity.astype("<u2").tobytes()
     _write_frames(tmp_path / "pgm", [pgm], depth_ext="pgm")
     with pytest.raises(RecordError, match=r"depth/0\.pgm: depth must be a one-channel 16-bit PNG.*bytes swapped"):
-        list(sources.folder_examples(str(tmp_path / "pgm"), "rgb/*.png", "depth/*.pgm", 0.001))
+        list(folder.examples(str(tmp_path / "pgm"), "rgb/*.png", "depth/*.pgm", 0.001))
 
 
 def test_eight_bit_depth_png_is_refused(tmp_path):
     _write_frames(tmp_path, [np.full((48, 64), 200, np.uint8)])
     with pytest.raises(RecordError, match=r"depth/0\.png: depth must be a one-channel 16-bit PNG.*mode L \(8 bits"):
-        list(sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001))
+        list(folder.examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001))
 
 
 def test_tum_and_scannet_depth_are_checked_too(tmp_path):
@@ -306,11 +307,11 @@ def test_tum_and_scannet_depth_are_checked_too(tmp_path):
         Image.fromarray(_room_depth_mm(8, 10) // 10).save(tmp_path / "tum" / "depth" / name)
     with pytest.raises(RecordError, match=r"depth/1\.004000\.png: implausible depth read as units of 0\.0002 m"
                                           r".*it looks like millimetres \(--depth-scale 0\.001\)"):
-        list(sources.tum_examples(str(tmp_path / "tum")))
+        list(tum.examples(str(tmp_path / "tum")))
     depth_mm = _write_scannet_scene(tmp_path / "scannet")
     Image.fromarray(depth_mm[1] * 11).save(tmp_path / "scannet" / "scene0000_00" / "depth" / "1.png")
     with pytest.raises(RecordError, match=r"scene0000_00/depth/1\.png: implausible depth read as units of 0\.001 m"):
-        list(sources.scannet_examples(str(tmp_path / "scannet")))
+        list(scannet.examples(str(tmp_path / "scannet")))
 
 
 @pytest.mark.parametrize("mode", ["L", "P"])
@@ -321,7 +322,7 @@ def test_grey_and_palette_rgb_become_rgb(tmp_path, mode):
     if mode == "P":
         image = Image.fromarray(np.stack([grey, 255 - grey, grey // 2], -1)).convert("P", palette=Image.ADAPTIVE)
     _write_frames(tmp_path, [_room_depth_mm()], rgb=image)
-    (ex,) = sources.folder_examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001)
+    (ex,) = folder.examples(str(tmp_path), "rgb/*.png", "depth/*.png", 0.001)
     frame = schema.decode_example(ex)
     np.testing.assert_array_equal(frame.rgb, np.asarray(image.convert("RGB")))
 
@@ -339,7 +340,7 @@ def test_jpeg_source_is_stored_as_its_own_bytes(tmp_path):
     for i in range(3):
         Image.fromarray(np.roll(_textured_rgb(), 11 * i, axis=1)).save(tmp_path / "rgb" / f"{i}.jpg", quality=90)
         Image.fromarray(_room_depth_mm(240, 320, seed=i)).save(tmp_path / "depth" / f"{i}.png")
-    examples = list(sources.folder_examples(str(tmp_path), "rgb/*.jpg", "depth/*.png", 0.001))
+    examples = list(folder.examples(str(tmp_path), "rgb/*.jpg", "depth/*.png", 0.001))
     for ex in examples:
         jpg, png = tmp_path / "rgb" / f"{ex.frame_id}.jpg", tmp_path / "depth" / f"{ex.frame_id}.png"
         assert ex.rgb_format == "jpeg" and ex.rgb == jpg.read_bytes() and ex.depth == png.read_bytes()
@@ -351,7 +352,7 @@ def test_jpeg_source_is_stored_as_its_own_bytes(tmp_path):
 def test_scannet_colour_is_kept_as_its_jpeg_and_resized_when_read(tmp_path):
     _write_scannet_scene(tmp_path)
     scene = tmp_path / "scene0000_00"
-    (ex,) = [e for e in sources.scannet_examples(str(tmp_path), label_map=str(tmp_path / "labels.tsv"))
+    (ex,) = [e for e in scannet.examples(str(tmp_path), label_map=str(tmp_path / "labels.tsv"))
              if e.frame_id.endswith("/1")]
     assert ex.rgb == (scene / "color" / "1.jpg").read_bytes() and ex.rgb_format == "jpeg"
     assert ex.depth == (scene / "depth" / "1.png").read_bytes() and ex.resize_rgb_to_depth

@@ -1,8 +1,9 @@
 """Convert RGB-D sources to record shards: `python -m mmcmae_jax.data.convert SUBCOMMAND ...`.
 
-Subcommands: folder, nyu-mat, sunrgbd, scannet, tum, procedural. See docs/data.md for each source's
-layout and depth units. Every frame is decoded and checked before it is written (sizes, valid depth in
-a plausible range, intrinsics), so a shard never holds a record the pipeline would reject. The shards
+One subcommand per source, each defined by its own module in mmcmae_jax/data/sources/ (its arguments
+and how it reads frames) and listed in sources.SOURCES; see docs/data.md for each source's layout and
+depth units. Every frame is decoded and checked before it is written (sizes, valid depth in a
+plausible range, intrinsics), so a shard never holds a record the pipeline would reject. The shards
 appear in --out only when the whole conversion succeeded; an --out that already holds record files is
 refused unless --overwrite.
 """
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import Iterable
 
-from mmcmae_jax.data import depth_units, procedural, records, schema, sources
+from mmcmae_jax.data import depth_units, records, schema, sources
 from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.data.pipeline import SkipLog
 
@@ -66,13 +67,6 @@ def write_example_shards(
     return paths
 
 
-def _floats(text: str):
-    values = tuple(float(v) for v in text.split(","))
-    if len(values) != 4:
-        raise argparse.ArgumentTypeError("intrinsics are fx,fy,cx,cy")
-    return values
-
-
 def _plausible_depth(text: str) -> depth_units.PlausibleDepth:
     try:
         return depth_units.PlausibleDepth.parse(text)
@@ -87,71 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-
-    def add(name, help_text, reads_depth=True):
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        p.add_argument("--out", required=True, help="output directory")
-        p.add_argument("--overwrite", action="store_true",
-                       help="replace the record files --out already holds (else such an --out is refused)")
-        p.add_argument("--prefix", default=name.replace("-", "_"), help="shard file name prefix")
-        p.add_argument("--num-shards", type=int, default=1)
-        p.add_argument("--format", choices=records.FORMATS, default=records.ARRAY_RECORD)
-        p.add_argument("--skip-bad", action="store_true", help="count, log and leave out bad frames")
-        if reads_depth:
-            default = depth_units.PlausibleDepth()
-            p.add_argument(
-                "--plausible-depth", type=_plausible_depth, default=default,
-                metavar="MEDIAN_MIN,MEDIAN_MAX,MAXIMUM",
-                help=f"metres; a frame whose valid depth has a median outside [MEDIAN_MIN, MEDIAN_MAX] or a "
-                     f"maximum not under MAXIMUM is an error (default {default.median_min:g},"
-                     f"{default.median_max:g},{default.maximum:g})",
-            )
-        return p
-
-    p = add("folder", "a folder of paired RGB / depth (/ label) files, matched by file stem")
-    p.add_argument("--root", required=True)
-    p.add_argument("--rgb", required=True, help="glob under root, e.g. 'rgb/*.png'")
-    p.add_argument("--depth", required=True, help="glob under root, e.g. 'depth/*.png' (uint16 PNG)")
-    p.add_argument("--depth-scale", type=float, required=True, help="metres per depth unit, e.g. 0.001")
-    p.add_argument("--depth-encoding", choices=depth_units.DEPTH_ENCODINGS, default="plain",
-                   help="sunrgbd: SUN RGB-D's bit-rotated millimetres")
-    p.add_argument("--label", help="glob of label PNGs under root")
-    p.add_argument("--label-set", help="name of the labels' class set, e.g. nyu40")
-    p.add_argument("--labels-one-based", action="store_true", help="labels are 1..K with 0 = unlabelled")
-    p.add_argument("--intrinsics", type=_floats, help="fx,fy,cx,cy")
-    p.add_argument("--source", default="folder", help="source name stored in each record")
-
-    p = add("nyu-mat", "NYU Depth V2 labeled set (nyu_depth_v2_labeled.mat, v7.3; depth in metres)")
-    p.add_argument("--mat", required=True)
-    p.add_argument("--label-map", help="894 -> K class mapping (.json/.npy/.txt, 1-based targets)")
-    p.add_argument("--label-set", default="nyu40", help="name of the mapped class set (nyu40, nyu13)")
-
-    p = add("sunrgbd", "SUN RGB-D (SUNRGBD/{split}/color, {split}_depth[_raw]; bit-rotated millimetres)")
-    p.add_argument("--root", required=True, help="the SUNRGBD folder")
-    p.add_argument("--split", default="train")
-    p.add_argument("--raw-depth", action="store_true", help="use *_depth_raw (with holes)")
-
-    p = add("scannet", "ScanNet exported frames (color/*.jpg, depth/*.png mm, label-filt/*.png)")
-    p.add_argument("--root", required=True, help="a scene folder, or a folder of scene folders")
-    p.add_argument("--label-map", help="scannetv2-labels.combined.tsv")
-    p.add_argument("--label-column", default="nyu40id")
-    p.add_argument("--label-set", default="nyu40")
-
-    p = add("tum", "a TUM RGB-D sequence (rgb.txt, depth.txt; depth / 5000 = metres)")
-    p.add_argument("--root", required=True)
-    p.add_argument("--max-difference", type=float, default=0.02, help="seconds, for association")
-    p.add_argument("--intrinsics", type=_floats, help="fx,fy,cx,cy")
-
-    p = add("procedural", "procedural RGB-D rooms (the demo data set)", reads_depth=False)
-    p.add_argument("--num-frames", type=int, required=True)
-    p.add_argument("--size", type=int, default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--depth-noise", action="store_true", help="sensor-like noise and holes")
-    p.add_argument("--style", choices=procedural.STYLES, default="rooms",
-                   help="rooms: eye-level views of furnished rooms; varied: any camera pose, random colours "
-                        "and textures, cluttered (docs/data.md)")
-    p.add_argument("--workers", type=int, default=None)
+    for source in sources.SOURCES.values():
+        p = sub.add_parser(source.name, help=source.help, description=source.help)
+        _add_shared_arguments(p, source)
+        source.add_arguments(p)
     return parser
+
+
+def _add_shared_arguments(p: argparse.ArgumentParser, source: sources.Source):
+    """The options of every subcommand; --plausible-depth only where frames are read and checked here
+    (a source that writes its own shards generates its depth)."""
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the record files --out already holds (else such an --out is refused)")
+    p.add_argument("--prefix", default=source.name.replace("-", "_"), help="shard file name prefix")
+    p.add_argument("--num-shards", type=int, default=1)
+    p.add_argument("--format", choices=records.FORMATS, default=records.ARRAY_RECORD)
+    p.add_argument("--skip-bad", action="store_true", help="count, log and leave out bad frames")
+    if source.frames is not None:
+        default = depth_units.PlausibleDepth()
+        p.add_argument(
+            "--plausible-depth", type=_plausible_depth, default=default,
+            metavar="MEDIAN_MIN,MEDIAN_MAX,MAXIMUM",
+            help=f"metres; a frame whose valid depth has a median outside [MEDIAN_MIN, MEDIAN_MAX] or a "
+                 f"maximum not under MAXIMUM is an error (default {default.median_min:g},"
+                 f"{default.median_max:g},{default.maximum:g})",
+        )
 
 
 def main(argv=None) -> int:
@@ -170,74 +125,17 @@ def main(argv=None) -> int:
 
 def convert(args: argparse.Namespace) -> list[str]:
     """The conversion the parsed arguments ask for; returns the shard paths."""
+    source = sources.SOURCES[args.command]
+    if source.write is not None:
+        return source.write(args)
     skip_log = SkipLog() if args.skip_bad else None
-    if args.command == "procedural":
-        return procedural.write_procedural_dataset(
-            args.out,
-            args.num_frames,
-            args.size,
-            args.seed,
-            args.num_shards,
-            args.format,
-            args.depth_noise,
-            args.workers,
-            prefix=args.prefix,
-            style=args.style,
-            overwrite=args.overwrite,
-        )
-    limits = args.plausible_depth
-    if args.command == "folder":
-        examples = sources.folder_examples(
-            args.root,
-            args.rgb,
-            args.depth,
-            args.depth_scale,
-            label_pattern=args.label,
-            label_set=args.label_set,
-            labels_one_based=args.labels_one_based,
-            depth_encoding=args.depth_encoding,
-            intrinsics=args.intrinsics,
-            source=args.source,
-            depth_limits=limits,
-            skip_log=skip_log,
-        )
-        where = args.root
-    elif args.command == "nyu-mat":
-        examples = sources.nyu_mat_examples(
-            args.mat, label_map=args.label_map, label_set=args.label_set, depth_limits=limits, skip_log=skip_log
-        )
-        where = args.mat
-    elif args.command == "sunrgbd":
-        examples = sources.sunrgbd_examples(
-            args.root, args.split, args.raw_depth, depth_limits=limits, skip_log=skip_log
-        )
-        where = args.root
-    elif args.command == "scannet":
-        examples = sources.scannet_examples(
-            args.root,
-            label_map=args.label_map,
-            label_column=args.label_column,
-            label_set=args.label_set,
-            depth_limits=limits,
-            skip_log=skip_log,
-        )
-        where = args.root
-    else:
-        examples = sources.tum_examples(
-            args.root,
-            max_difference=args.max_difference,
-            intrinsics=args.intrinsics,
-            depth_limits=limits,
-            skip_log=skip_log,
-        )
-        where = args.root
     return write_example_shards(
-        examples,
+        source.frames(args, skip_log),
         args.out,
         args.prefix,
         args.num_shards,
         args.format,
-        source_path=where,
+        source_path=getattr(args, source.input_argument),
         skip_log=skip_log,
         overwrite=args.overwrite,
     )

@@ -12,7 +12,7 @@ REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # The config field that `--data URI` sets. One place, so that a rename in the configs is one edit.
 DATA_FIELD="data.path"
 
-# The presets of configs/m3_stage1.py and configs/m3_stage2.py.
+# The presets of configs/m3.py, configs/m3_stage1.py and configs/m3_stage2.py.
 KNOWN_PRESETS="vit_s16 vit_b16 vit_l16"
 
 die() {
@@ -143,8 +143,10 @@ check_plan() {
       *) die "--stage '$STAGE' must be 1, 2 or both" ;;
     esac
     check_preset "$PRESET"
-    [[ "$STAGE" == 2 ]] || check_config "configs/m3_stage1.py" "--stage $STAGE: stage 1 config"
-    [[ "$STAGE" == 1 ]] || check_config "configs/m3_stage2.py" "--stage $STAGE: stage 2 config"
+    case "$STAGE" in
+      both) check_config "configs/m3.py" "--stage both: the two-stage config" ;;
+      *) check_config "configs/m3_stage$STAGE.py" "--stage $STAGE: stage $STAGE config" ;;
+    esac
   else
     check_config "$CONFIG"
   fi
@@ -179,38 +181,48 @@ OVERRIDES=()   # --config.FIELD=VALUE, checked
 EXTRA_ARGS=()  # everything after "--", passed as given
 
 # Fill RUNS with one training command line per run (already shell-quoted, to run from the repository
-# root with the environment's `python`), in the order they must run.
+# root with the environment's `python`), in the order they must run. Both stages are one run of the
+# two-stage config configs/m3.py: the pre-training command chains them (stage 2 starts from stage 1,
+# and a preempted stage 1 exits 143 before stage 2), so each stage's fields take a stage1./stage2. prefix.
 plan_runs() {
   RUNS=()
-  local extra=()
-  [[ -z "$DATA" ]] || extra+=("--config.$DATA_FIELD=$DATA")
-  extra+=("${OVERRIDES[@]+"${OVERRIDES[@]}"}" "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")
   local root
   root=$(strip_slash "$WORKDIR")
-  if [[ -n "$CONFIG" ]]; then
-    local init=()
-    [[ -z "$INIT_FROM" ]] || init=("--config.init_from=$INIT_FROM")
-    RUNS+=("$(quote_cmd python -m "mmcmae_jax.$MODULE" --config "$CONFIG" --workdir "$root" \
-      "${init[@]+"${init[@]}"}" "${extra[@]+"${extra[@]}"}")")
+  local overrides=()
+  [[ -z "$DATA" ]] || overrides+=("--config.$DATA_FIELD=$DATA")
+  overrides+=("${OVERRIDES[@]+"${OVERRIDES[@]}"}")
+  if [[ -n "$CONFIG" || "$STAGE" != both ]]; then
+    local config=$CONFIG dir=$root init=()
+    if [[ -z "$CONFIG" ]]; then
+      # --stage 1 or 2 writes the directory configs/m3.py gives that stage, so that `--stage 1` and a
+      # later `--stage 2` with the same --workdir chain up, and so that `--stage both` resumes either.
+      config="configs/m3_stage$STAGE.py:$PRESET" dir="$root/stage$STAGE"
+      [[ "$STAGE" == 1 ]] || init=("--config.init_from=${INIT_FROM:-$root/stage1}")
+    elif [[ -n "$INIT_FROM" ]]; then
+      init=("--config.init_from=$INIT_FROM")
+    fi
+    RUNS+=("$(quote_cmd python -m "mmcmae_jax.$MODULE" --config "$config" --workdir "$dir" \
+      "${init[@]+"${init[@]}"}" "${overrides[@]+"${overrides[@]}"}" "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")")
     return
   fi
-  # With --stage each stage has its own directory under the root, so that `--stage 1` and a later
-  # `--stage 2` with the same --workdir chain up, and so that each one resumes on its own.
-  if [[ "$STAGE" != 2 ]]; then
-    RUNS+=("$(quote_cmd python -m mmcmae_jax.pretrain --config "configs/m3_stage1.py:$PRESET" \
-      --workdir "$root/stage1" "${extra[@]+"${extra[@]}"}")")
-  fi
-  if [[ "$STAGE" != 1 ]]; then
-    RUNS+=("$(quote_cmd python -m mmcmae_jax.pretrain --config "configs/m3_stage2.py:$PRESET" \
-      --workdir "$root/stage2" "--config.init_from=${INIT_FROM:-$root/stage1}" "${extra[@]+"${extra[@]}"}")")
-  fi
+  local staged=() o
+  [[ -z "$INIT_FROM" ]] || staged+=("--config.stage2.init_from=$INIT_FROM")
+  for o in "${overrides[@]+"${overrides[@]}"}"; do
+    case "$o" in
+      --config.stage1.* | --config.stage2.*) staged+=("$o") ;;
+      *) staged+=("--config.stage1.${o#--config.}" "--config.stage2.${o#--config.}") ;;
+    esac
+  done
+  RUNS+=("$(quote_cmd python -m mmcmae_jax.pretrain --config "configs/m3.py:$PRESET" --workdir "$root" \
+    "${staged[@]+"${staged[@]}"}" "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}")")
 }
 
 # Usage text shared by the scripts for the run-plan options.
 PLAN_USAGE="What to train (default: --stage both --preset vit_b16):
   --stage 1|2|both        M3 pre-training: stage 1 (configs/m3_stage1.py) writes WORKDIR/stage1,
                           stage 2 (configs/m3_stage2.py) writes WORKDIR/stage2 and starts from
-                          WORKDIR/stage1 (or --init-from); both runs them in order
+                          WORKDIR/stage1 (or --init-from); both runs configs/m3.py, which
+                          trains them in that order in one command
   --preset NAME           model preset of the stage configs: vit_s16, vit_b16 (default), vit_l16
   --config FILE[:PRESET]  instead of --stage: run one config (path relative to the repository
                           root), writing WORKDIR itself, e.g. configs/demo.py
@@ -219,5 +231,6 @@ PLAN_USAGE="What to train (default: --stage both --preset vit_b16):
                           mmcmae_jax.finetune
   --init-from DIR         stage-1 work directory that stage 2 starts from
   --data URI              data location, passed as --config.$DATA_FIELD=URI
-  --config.FIELD=VALUE    any config override, passed to every run (repeatable); so is
-                          everything after \"--\""
+  --config.FIELD=VALUE    any config override (repeatable), given to both stages with
+                          --stage both (as --config.stage1.FIELD and --config.stage2.FIELD);
+                          everything after \"--\" is passed as given"

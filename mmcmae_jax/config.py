@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mmcmae_jax.errors import ConfigError
+
 MODALITIES = ("rgb", "depth")
 LOSS_TERMS = ("contrastive", "depth", "rgb", "denoise", "distill")
 
@@ -93,31 +95,6 @@ def pretrain_config(stage: int) -> ml_collections.ConfigDict:
     config.model = model_config()
     config.objective = objective_config(stage)
     return config
-
-
-class ConfigError(ValueError):
-    """A config field has a bad value; the message starts with the field's path."""
-
-
-def parse_config_flags(argv):
-    """absl's flag parsing (app.run's flags_parser), with an override of a field the config does not have
-    reported in one line instead of a traceback from inside ml_collections."""
-    import sys
-    from absl import app
-    try:
-        return app.parse_flags_with_usage(argv)
-    except (AttributeError, KeyError) as err:
-        inner = err.args[0] if err.args else err  # ml_collections wraps the KeyError in an AttributeError
-        if isinstance(inner, KeyError) and inner.args:
-            inner = inner.args[0]
-        message = " ".join(str(inner).split())
-        overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-        hint = ("; two-stage configs (configs/demo.py, configs/m3.py) keep each stage's fields under stage1. "
-                "and stage2., e.g. --config.stage1.batch_size=64"
-                if any(not o.startswith(("--config.stage1.", "--config.stage2.")) for o in overrides) else "")
-        print(f"error: no such config field: {message} (overrides given: {' '.join(overrides)}){hint}",
-              file=sys.stderr)
-        sys.exit(2)
 
 
 def _check(condition: bool, field: str, message: str):
@@ -283,3 +260,16 @@ def paper_scale_config(stage: int, preset: str = "vit_b16", objective: str = "m3
 def two_stage_config(stage1: ml_collections.ConfigDict, stage2: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Stage 1 then stage 2: the pre-training command runs them in WORKDIR/stage1 and WORKDIR/stage2."""
     return ml_collections.ConfigDict(dict(stages=("stage1", "stage2"), stage1=stage1, stage2=stage2))
+
+
+def validate_pretraining(config: ml_collections.ConfigDict):
+    """Raise ConfigError naming the first bad field of a one-stage training config, or of any stage of a
+    two-stage one (as config.stage2.FIELD), so that no stage starts before every stage is checked."""
+    if "stages" not in config:
+        validate_training(config)
+        return
+    for name in config.stages:
+        try:
+            validate_training(config[name])
+        except ValueError as err:
+            raise ConfigError(str(err).replace("config.", f"config.{name}.", 1)) from None

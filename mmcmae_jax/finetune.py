@@ -7,19 +7,13 @@ The encoder starts from a pre-training work directory (`init_from`, stage 1 or s
 `rgb_encoder`), from ImageNet MAE weights (`init_from_mae`), or from scratch. The run goes through the
 pre-training trainer (mesh, orbax checkpoints with the input position, resume, metrics.jsonl and
 TensorBoard), then evaluates its final parameters on `eval_data` and writes WORKDIR/eval/step_N.json.
-Re-running the same command resumes. Flags are those of `mmcmae_jax.pretrain`.
+Re-running the same command resumes. Flags: mmcmae_jax/run/cli.py.
 """
 from __future__ import annotations
 
 import os
-import sys
 
-from absl import app, flags
-from absl import logging as absl_logging
-
-from mmcmae_jax import pretrain  # defines --config, --workdir and the multi-process flags; reused here
-
-FLAGS = flags.FLAGS
+from mmcmae_jax.run import cli
 
 
 def train_data_path(config, workdir: str) -> str:
@@ -47,24 +41,23 @@ def train_data_path(config, workdir: str) -> str:
 
 
 def run_finetune(config, workdir: str, name: str = "finetune"):
-    """Fine-tune, then evaluate the final parameters. Returns (TrainResult, eval results or None)."""
+    """Check the config, fine-tune, then evaluate the final parameters. Returns (TrainResult, eval
+    results or None)."""
     import jax
     from mmcmae_jax.data.config import check_path_given
-    from mmcmae_jax.train.trainer import train
-    from mmcmae_jax.transfer import evaluation
+    from mmcmae_jax.run.start import start_encoder
+    from mmcmae_jax.run.workdir import check_workdir, evaluate_workdir, save_frozen_encoder, write_config
+    from mmcmae_jax.train.trainer import make_train_iterator, train
     from mmcmae_jax.transfer.config import validate_finetune
-    from mmcmae_jax.transfer.objective import (ENCODER, make_transfer_objective, random_encoder,
-                                               start_encoder, update_scale_for)
+    from mmcmae_jax.transfer.objective import ENCODER, make_transfer_objective, random_encoder, update_scale_for
     from mmcmae_jax.transfer.splits import require_labelled_frames
 
     validate_finetune(config)
-    pretrain.check_workdir(workdir)
+    check_workdir(workdir)
     check_path_given(config.data, "config.data")
     if config.eval.at_end:
         check_path_given(config.eval_data, "config.eval_data")
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    write_config(config, workdir)
     encoder = start_encoder(config)  # checked before any data is read
     # Segmentation on records without label maps would train on nothing (loss 0) for every step and
     # evaluate nothing at the end: refuse such a set now, not after the run.
@@ -76,13 +69,13 @@ def run_finetune(config, workdir: str, name: str = "finetune"):
     train_config = config.copy_and_resolve_references()
     with train_config.unlocked():
         train_config.data.path = train_data_path(config, workdir)
-    iterator = pretrain.make_train_iterator(train_config)
+    iterator = make_train_iterator(train_config)
 
     frozen, initial_params = None, None
     if config.freeze_encoder:
         frozen = {ENCODER: encoder if encoder is not None else random_encoder(config)}
         if jax.process_index() == 0:
-            evaluation.save_frozen_encoder(workdir, frozen[ENCODER])
+            save_frozen_encoder(workdir, frozen[ENCODER])
     elif encoder is not None:
         def initial_params(params):
             return {**params, ENCODER: encoder}
@@ -94,27 +87,13 @@ def run_finetune(config, workdir: str, name: str = "finetune"):
                    update_scale=update_scale_for(config))
     if result.preempted or not config.eval.at_end or jax.process_index() != 0:
         return result, None
-    return result, evaluation.evaluate_workdir(config, workdir)
+    return result, evaluate_workdir(config, workdir)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
-    if not FLAGS["verbosity"].present:
-        absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
-    pretrain.initialize_distributed()
-    from mmcmae_jax.config import ConfigError
-    try:
-        result, _ = run_finetune(FLAGS.config, FLAGS.workdir)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
-    if result.preempted:
-        sys.exit(143)  # stopped by SIGTERM after saving: not finished
+def main(config, workdir: str) -> int:
+    result, _ = run_finetune(config, workdir)
+    return cli.PREEMPTED if result.preempted else 0
 
 
 if __name__ == "__main__":
-    from mmcmae_jax.config import parse_config_flags
-    app.run(main, flags_parser=parse_config_flags)
+    cli.run_command(main)

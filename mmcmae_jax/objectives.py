@@ -20,7 +20,6 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmcmae_jax import losses
-from mmcmae_jax.config import validate
 from mmcmae_jax.models import matmul
 from mmcmae_jax.models.m3 import CrossModalContrastive, MultiModalMAE, max_pool_tokens
 from mmcmae_jax.models.masking import multimodal_masks, random_mask
@@ -50,7 +49,7 @@ def sample_sigma(rng: jax.Array, batch: int, obj: ml_collections.ConfigDict) -> 
 
 
 def make_objective(config: ml_collections.ConfigDict) -> Objective:
-    validate(config)
+    """The objective of a checked config (config.validate; the commands check it once, at start)."""
     objective = (_stage1 if config.objective.stage == 1 else _stage2)(config.model, config.objective)
     return with_matmul_precision(objective, config.model.matmul_precision)
 

@@ -38,7 +38,7 @@ def tree(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("repo")
     shutil.copytree(LAUNCH, root / "launch")
     (root / "configs").mkdir()
-    for name in ("m3_stage1.py", "m3_stage2.py", "demo.py"):
+    for name in ("m3.py", "m3_stage1.py", "m3_stage2.py", "demo.py"):
         (root / "configs" / name).write_text("def get_config(arg=None):\n    pass\n")
     (root / "bin").mkdir()
     for tool in TOOLS:
@@ -149,12 +149,31 @@ def test_gpu_single_both_stages(tree):
     assert "export XLA_PYTHON_CLIENT_MEM_FRACTION=0.9" in cmds
     assert "export CUDA_VISIBLE_DEVICES=0" in cmds
     runs = [c for c in cmds if "-m mmcmae_jax." in c]
+    # One command: the two-stage config, whose stages the pre-training command chains; every override
+    # goes to both stages.
     assert runs == [
-        "python -m mmcmae_jax.pretrain --config configs/m3_stage1.py:vit_s16 --workdir /runs/m3/stage1"
-        " --config.data.path=/data/scannet --config.batch_size=64",
-        "python -m mmcmae_jax.pretrain --config configs/m3_stage2.py:vit_s16 --workdir /runs/m3/stage2"
-        " --config.init_from=/runs/m3/stage1 --config.data.path=/data/scannet --config.batch_size=64",
+        "python -m mmcmae_jax.pretrain --config configs/m3.py:vit_s16 --workdir /runs/m3"
+        " --config.stage1.data.path=/data/scannet --config.stage2.data.path=/data/scannet"
+        " --config.stage1.batch_size=64 --config.stage2.batch_size=64",
     ]
+
+
+def test_both_stages_pass_stage_overrides_and_init_from_to_their_stage(tree):
+    cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/runs/m3", "--init-from", "/runs/other/stage1",
+                       "--config.stage2.total_steps=10", "--skip-checks", "--dry-run",
+                       "--", "--config.stage1.seed=3"))
+    (train,) = [c for c in cmds if "-m mmcmae_jax." in c]
+    assert train == ("python -m mmcmae_jax.pretrain --config configs/m3.py:vit_b16 --workdir /runs/m3"
+                     " --config.stage2.init_from=/runs/other/stage1 --config.stage2.total_steps=10"
+                     " --config.stage1.seed=3")
+    cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/runs/m3", "--stage", "1", "--skip-checks", "--dry-run"))
+    (train,) = [c for c in cmds if "-m mmcmae_jax." in c]
+    assert train == "python -m mmcmae_jax.pretrain --config configs/m3_stage1.py:vit_b16 --workdir /runs/m3/stage1"
+    (tree / "configs" / "m3.py").rename(tree / "configs" / "m3_away.py")
+    try:
+        fails(tree, "gpu_single.sh", "--workdir", "/w", "--dry-run", names="configs/m3.py")
+    finally:
+        (tree / "configs" / "m3_away.py").rename(tree / "configs" / "m3.py")
 
 
 def test_gpu_single_options(tree):
@@ -219,21 +238,21 @@ def _wait_for(path: Path, text: str, timeout: float = 10):
 
 
 def test_gpu_single_sigterm_saves_and_stops(tree, tmp_path):
-    """SIGTERM to the script reaches the trainer, which saves; stage 2 then does not start."""
+    """SIGTERM to the script reaches the trainer, which saves; nothing starts after it."""
     trainer, log = tmp_path / "python", tmp_path / "trainer.log"
     _stub(trainer, FAKE_TRAINER)
     proc = subprocess.Popen([str(tree / "launch" / "gpu_single.sh"), "--workdir", str(tmp_path / "w"),
                              "--python", str(trainer), "--skip-checks"],
                             cwd=tree, env=_env(tree, FAKE_LOG=str(log)), stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(log, "m3_stage1")
+        _wait_for(log, "configs/m3.py")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     finally:
         proc.kill()
     assert proc.returncode == 143
     lines = log.read_text().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("saved ") and "m3_stage1" in lines[1], lines
+    assert len(lines) == 2 and lines[1].startswith("saved ") and "configs/m3.py" in lines[1], lines
     assert "resume" in err
 
 
@@ -268,10 +287,9 @@ def test_tpu_train(tree):
     (cmd,) = commands(out)
     assert "--worker=all" in cmd
     assert "setsid nohup bash -c" in cmd and "~/mmcmae_train.log" in cmd
-    assert ("python -m mmcmae_jax.pretrain --config configs/m3_stage1.py:vit_l16 --workdir gs://bkt/runs/m3/stage1"
-            " --config.data.path=gs://bkt/data --config.batch_size=4096 && python -m mmcmae_jax.pretrain"
-            " --config configs/m3_stage2.py:vit_l16 --workdir gs://bkt/runs/m3/stage2"
-            " --config.init_from=gs://bkt/runs/m3/stage1") in cmd
+    assert ("python -m mmcmae_jax.pretrain --config configs/m3.py:vit_l16 --workdir gs://bkt/runs/m3"
+            " --config.stage1.data.path=gs://bkt/data --config.stage2.data.path=gs://bkt/data"
+            " --config.stage1.batch_size=4096 --config.stage2.batch_size=4096") in cmd
     (cmd,) = commands(ok(tree, "tpu_pod.sh", "train", *TPU, "--workdir", "gs://b/demo", "--config", "configs/demo.py",
                          "--foreground", "--dry-run"))
     assert "nohup" not in cmd and "python -m mmcmae_jax.pretrain --config configs/demo.py --workdir gs://b/demo" in cmd
@@ -336,7 +354,7 @@ def test_tpu_train_then_stop(tree, tmp_path):
     res = run(tree, "tpu_pod.sh", "train", *args, env=env)
     assert res.returncode == 0, res.stderr
     try:
-        _wait_for(log, "m3_stage1")
+        _wait_for(log, "configs/m3.py")
         again = run(tree, "tpu_pod.sh", "train", *args, env=env)
         assert again.returncode != 0 and "already going" in again.stderr
         res = run(tree, "tpu_pod.sh", "stop", *args[:4], env=env)
@@ -349,7 +367,8 @@ def test_tpu_train_then_stop(tree, tmp_path):
         except ProcessLookupError:
             pass
     time.sleep(0.2)
-    assert "m3_stage2" not in log.read_text()  # the stop also ended the shell that would start stage 2
+    lines = log.read_text().splitlines()  # the trainer started once, saved, and nothing ran after it
+    assert len(lines) == 2 and lines[1].startswith("saved "), lines
 
 
 # --- slurm_multinode.sh ------------------------------------------------------------------------
@@ -380,11 +399,9 @@ def test_slurm_dry_run(tree):
     assert "srun --kill-on-bad-exit=1" in script and "--gpus-per-task" not in script.replace("no --gpus-per-task", "")
     steps = [line for line in script.splitlines() if line.startswith("run_step ")]
     assert steps == [
-        "run_step python -u -m mmcmae_jax.pretrain --config configs/m3_stage1.py:vit_l16 --workdir "
-        "/shared/runs/m3/stage1 --config.data.path=/shared/data --config.batch_size=2048",
-        "run_step python -u -m mmcmae_jax.pretrain --config configs/m3_stage2.py:vit_l16 --workdir "
-        "/shared/runs/m3/stage2 --config.init_from=/shared/runs/m3/stage1 --config.data.path=/shared/data "
-        "--config.batch_size=2048",
+        "run_step python -u -m mmcmae_jax.pretrain --config configs/m3.py:vit_l16 --workdir /shared/runs/m3 "
+        "--config.stage1.data.path=/shared/data --config.stage2.data.path=/shared/data "
+        "--config.stage1.batch_size=2048 --config.stage2.batch_size=2048",
     ]
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
     cmds = commands(out[out.index("# end of sbatch script"):])
@@ -426,7 +443,7 @@ def test_slurm_bad_arguments(tree, args, names):
 
 
 def test_slurm_job_sigterm_saves_and_stops(tree, tmp_path):
-    """The rendered job, with srun and scancel stand-ins: its SIGTERM reaches the trainer; stage 2 never starts."""
+    """The rendered job, with srun and scancel stand-ins: its SIGTERM reaches the trainer; nothing starts after it."""
     fake_bin, log, job = tmp_path / "bin", tmp_path / "trainer.log", tmp_path / "job.sbatch"
     fake_bin.mkdir()
     _stub(fake_bin / "srun", 'while [[ "$1" == -* ]]; do shift; done\nexec "$@"\n')
@@ -437,11 +454,11 @@ def test_slurm_job_sigterm_saves_and_stops(tree, tmp_path):
     env = _env(tree, fake_bin, FAKE_LOG=str(log), SLURM_JOB_ID="42", SLURM_NTASKS_PER_NODE="1")
     proc = subprocess.Popen(["bash", str(job)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:
-        _wait_for(log, "m3_stage1")
+        _wait_for(log, "configs/m3.py")
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=10)
     finally:
         proc.kill()
     assert proc.returncode == 143, err
     lines = log.read_text().splitlines()
-    assert len(lines) == 2 and lines[1].startswith("saved ") and "m3_stage1" in lines[1], lines
+    assert len(lines) == 2 and lines[1].startswith("saved ") and "configs/m3.py" in lines[1], lines

@@ -288,11 +288,11 @@ def test_stage1_bad_config_names_field(field, value, message):
 def test_stage2_bad_config_names_field(overrides, message):
     config = tiny_config(2, **overrides)
     with pytest.raises(ValueError, match=message):
-        make_objective(config)
+        validate(config)
     config = tiny_config(2)
     config.objective.mask_ratio.rgb = 1.5
     with pytest.raises(ValueError, match=r"config\.objective\.mask_ratio\.rgb"):
-        make_objective(config)
+        validate(config)
 
 
 @pytest.mark.parametrize("stage", [1, 2])

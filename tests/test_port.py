@@ -18,7 +18,8 @@ from mmcmae_jax.port.timm_import import import_timm
 from mmcmae_jax.port import (encoder_spec, flax_encoder_to_timm, init_encoders_from_mae, load_mae_into_encoder,
                              read_state_dict, resample_pos_embed, state_dict_to_tree, timm_constructor, timm_kwargs,
                              timm_name, tree_to_state_dict)
-from mmcmae_jax.port.export import export, load_params, main as export_main
+from mmcmae_jax.port.export import export, main as export_main
+from mmcmae_jax.run.workdir import load_params
 
 TINY = "64x2x2/16"
 
@@ -218,7 +219,7 @@ def test_export_from_orbax_checkpoint_manager(tmp_path):
         manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(dict(state, step=np.int32(step)))))
     manager.wait_until_finished()
     manager.close()
-    assert_trees_equal(load_params(str(workdir)), params)  # the latest step, from the work directory
+    assert_trees_equal(load_params(str(workdir))[0], params)  # the latest step, from the work directory
 
     out = tmp_path / "vit.safetensors"
     assert export_main(["--checkpoint", str(workdir), "--out", str(out), "--modality", "all",
@@ -248,7 +249,7 @@ def test_export_from_standard_checkpointer_msgpack_and_safetensors(tmp_path, cap
     from mmcmae_jax.port.timm_layout import flatten
     save_file({"/".join(p): v for p, v in flatten(params).items()}, str(tmp_path / "p.safetensors"))
     for source in ("std", "p.msgpack", "p.safetensors"):
-        assert_trees_equal(load_params(str(tmp_path / source)), params)
+        assert_trees_equal(load_params(str(tmp_path / source))[0], params)
 
     assert export_main(["--checkpoint", str(tmp_path / "p.msgpack"), "--out", str(tmp_path / "d.safetensors"),
                         "--modality", "depth", "--variant", TINY]) == 0
@@ -295,7 +296,7 @@ def test_checkpoint_forms_find_the_train_state_not_another_item(tmp_path):
     """A work directory, its checkpoints/, a step folder and the item itself all lead to the train state,
     also when the work directory holds another PyTree (a linear probe's frozen_encoder/)."""
     from mmcmae_jax.train.checkpoint import find_pytree_dir
-    from mmcmae_jax.transfer.evaluation import save_frozen_encoder
+    from mmcmae_jax.run.workdir import save_frozen_encoder
     workdir = pretrain_workdir(tmp_path / "run", stage1_params(RUN_VARIANT))
     save_frozen_encoder(workdir, {"x": np.zeros(2)})
     state = os.path.join(workdir, "checkpoints", "2", "state")

@@ -91,7 +91,7 @@ def test_workdir_that_is_a_file_is_refused(tmp_path):
 def test_paper_scale_config_needs_a_data_path():
     """Paper scale means real data: an empty path stops the run instead of training on procedural rooms."""
     from mmcmae_jax.config import ConfigError, paper_scale_config
-    from mmcmae_jax.pretrain import make_train_iterator
+    from mmcmae_jax.train.trainer import make_train_iterator
     with pytest.raises(ConfigError, match=r"config\.data\.path is empty"):
         make_train_iterator(paper_scale_config(1, "vit_s16"))
 
@@ -112,7 +112,7 @@ def test_encoders_start_from_imagenet_mae_weights(tmp_path):
     from mmcmae_jax.models.vit import ViTEncoder
     from mmcmae_jax.objectives import make_objective
     from mmcmae_jax.port.timm_layout import flax_encoder_to_timm
-    from mmcmae_jax.pretrain import stage1_start
+    from mmcmae_jax.run.start import pretraining_start
 
     source = ViTEncoder("64x2x2/8").init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
     save_file({k: np.ascontiguousarray(v) for k, v in flax_encoder_to_timm(source, image_size=32).items()},
@@ -121,7 +121,7 @@ def test_encoders_start_from_imagenet_mae_weights(tmp_path):
     config.init_from_mae = str(tmp_path / "mae.safetensors")
     objective = make_objective(config)
     batch = {"rgb": jnp.zeros((2, 32, 32, 3)), "depth": jnp.zeros((2, 32, 32, 1)), "depth_valid": jnp.ones((2, 32, 32, 1))}
-    frozen, initial_params = stage1_start(config, objective)
+    frozen, initial_params = pretraining_start(config, objective)
     assert frozen is None
     params = initial_params(objective.init(jax.random.key(0), batch))
     np.testing.assert_array_equal(params["rgb_encoder"]["blocks"]["blocks_1"]["mlp"]["fc2"]["kernel"],
@@ -131,23 +131,50 @@ def test_encoders_start_from_imagenet_mae_weights(tmp_path):
                                rgb_kernel.mean(axis=2), rtol=1e-6)  # depth: the colour channels averaged
     config.init_from_mae = str(tmp_path / "missing.pth")
     with pytest.raises(ValueError, match=r"config\.init_from_mae="):
-        stage1_start(config, objective)[1](objective.init(jax.random.key(0), batch))
+        pretraining_start(config, objective)[1](objective.init(jax.random.key(0), batch))
 
 
 def test_stage2_with_distillation_needs_init_from():
     from mmcmae_jax.objectives import make_objective
-    from mmcmae_jax.pretrain import stage1_start
+    from mmcmae_jax.run.start import pretraining_start
     config = tiny_stage(2)
     with pytest.raises(ValueError, match=r"config\.init_from"):
-        stage1_start(config, make_objective(config))
+        pretraining_start(config, make_objective(config))
 
 
 def test_stage2_from_random_weights_says_so(capsys):
     """m3_no_distill without config.init_from has no teacher to demand stage 1, so the start is announced."""
     from mmcmae_jax.objectives import make_objective
-    from mmcmae_jax.pretrain import stage1_start
+    from mmcmae_jax.run.start import pretraining_start
     config = tiny_stage(2)
     config.objective.weights.distill = 0.0
-    frozen, initial_params = stage1_start(config, make_objective(config), "m3_no_distill")
+    frozen, initial_params = pretraining_start(config, make_objective(config), "m3_no_distill")
     assert frozen is None and initial_params is None
     assert "[m3_no_distill] the encoders start from random weights" in capsys.readouterr().out
+
+
+def test_two_stage_run_checks_every_stage_first_chains_them_and_stops_when_preempted(tmp_path, monkeypatch):
+    """The launch scripts' `--stage both` relies on it: stage 2 starts from stage 1, and a preempted
+    stage 1 ends the command with 143 before stage 2 starts."""
+    from mmcmae_jax import pretrain
+    from mmcmae_jax.config import ConfigError, two_stage_config
+    from mmcmae_jax.train.trainer import TrainResult
+    ran, preempt = [], []
+
+    def fake_stage(config, workdir, name):
+        ran.append((name, workdir, config.init_from))
+        return TrainResult(step=1, metrics={}, history=[], preempted=name in preempt)
+    monkeypatch.setattr(pretrain, "run_stage", fake_stage)
+
+    bad = two_stage_config(tiny_stage(1), tiny_stage(2))
+    bad.stage2.batch_size = 0
+    with pytest.raises(ConfigError, match=r"config\.stage2\.batch_size"):
+        pretrain.run(bad, str(tmp_path))
+    assert ran == []  # stage 1 did not start with a bad stage 2
+
+    assert pretrain.main(two_stage_config(tiny_stage(1), tiny_stage(2)), str(tmp_path)) == 0
+    assert ran == [("stage1", str(tmp_path / "stage1"), ""), ("stage2", str(tmp_path / "stage2"), str(tmp_path / "stage1"))]
+    ran.clear()
+    preempt.append("stage1")
+    assert pretrain.main(two_stage_config(tiny_stage(1), tiny_stage(2)), str(tmp_path)) == 143
+    assert [name for name, _, _ in ran] == ["stage1"]

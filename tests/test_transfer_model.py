@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from mmcmae_jax.config import ConfigError
+from mmcmae_jax.run.start import start_encoder
 from mmcmae_jax.transfer import objective as tobj
 from mmcmae_jax.transfer.config import (SCANNET20_CLASSES, SCANNET20_FROM_NYU40, finetune_config,
                                         validate_finetune)
@@ -137,22 +138,22 @@ def test_encoder_starts_from_a_pretraining_checkpoint_and_from_mae_weights(tmp_p
     checkpointer = Checkpointer(str(tmp_path / "stage2" / "checkpoints"), async_save=False)
     checkpointer.save(5, {"step": 5, "params": {"rgb_encoder": source, "decoder": {"w": np.ones(3)}}}, None, force=True)
     checkpointer.close()
-    got = tobj.start_encoder(tiny(init_from=str(tmp_path / "stage2")))
+    got = start_encoder(tiny(init_from=str(tmp_path / "stage2")))
     np.testing.assert_array_equal(got["blocks"]["blocks_1"]["attn"]["qkv"]["kernel"],
                                   source["blocks"]["blocks_1"]["attn"]["qkv"]["kernel"])
 
     save_file({k: np.ascontiguousarray(v) for k, v in flax_encoder_to_timm(source, image_size=32).items()},
               str(tmp_path / "mae.safetensors"))
-    got = tobj.start_encoder(tiny(init_from_mae=str(tmp_path / "mae.safetensors")))
+    got = start_encoder(tiny(init_from_mae=str(tmp_path / "mae.safetensors")))
     np.testing.assert_allclose(got["patch_embed"]["proj"]["kernel"], source["patch_embed"]["proj"]["kernel"])
-    assert tobj.start_encoder(tiny()) is None  # from scratch
+    assert start_encoder(tiny()) is None  # from scratch
 
     with pytest.raises(ConfigError, match=r"config\.init_from=.*other shapes"):
-        tobj.start_encoder(tiny(init_from=str(tmp_path / "stage2"), model=dict(tiny().model, variant="64x2x2/16")))
+        start_encoder(tiny(init_from=str(tmp_path / "stage2"), model=dict(tiny().model, variant="64x2x2/16")))
     with pytest.raises(ConfigError, match=r"config\.init_from="):
-        tobj.start_encoder(tiny(init_from=str(tmp_path / "nowhere")))
+        start_encoder(tiny(init_from=str(tmp_path / "nowhere")))
     with pytest.raises(ConfigError, match=r"config\.init_from_mae="):
-        tobj.start_encoder(tiny(init_from_mae=str(tmp_path / "missing.pth")))
+        start_encoder(tiny(init_from_mae=str(tmp_path / "missing.pth")))
 
 
 @pytest.mark.parametrize("field,value", [
@@ -242,7 +243,7 @@ def write_frames(path, labelled):
 
 def test_segmentation_refuses_records_without_labels_at_start(tmp_path):
     from mmcmae_jax.finetune import run_finetune
-    from mmcmae_jax.transfer.evaluation import evaluate_workdir
+    from mmcmae_jax.run.workdir import evaluate_workdir
     from mmcmae_jax.transfer.splits import has_labelled_frame, require_labelled_frames
     unlabelled = write_frames(tmp_path / "raw-00000-of-00001.array_record", [False] * 6)
     # A labelled frame after unlabelled ones counts, and the scan stops there: the bad record after it
@@ -287,7 +288,7 @@ def test_encoder_of_another_model_is_named_with_the_overrides_to_use(tmp_path):
 
     for init_from in (stage2, stage2 / "checkpoints"):  # the work directory or its checkpoints/
         with pytest.raises(ConfigError) as err:
-            tobj.start_encoder(tiny(init_from=str(init_from)))
+            start_encoder(tiny(init_from=str(init_from)))
         message = str(err.value)
         assert f"config.init_from={str(init_from)!r}" in message
         assert "64x4x2/8 at 64 px" in message and "config.model is 64x2x2/8 at 32 px" in message
@@ -297,11 +298,12 @@ def test_encoder_of_another_model_is_named_with_the_overrides_to_use(tmp_path):
     # Without config.json the weights say what they can.
     (stage2 / "config.json").unlink()
     with pytest.raises(ConfigError, match=r"width 64, 4 blocks, patch 8.*no config\.json.*config\.model\.variant"):
-        tobj.start_encoder(tiny(init_from=str(stage2)))
+        start_encoder(tiny(init_from=str(stage2)))
 
 
 def test_evaluation_refuses_the_config_of_another_task_or_model(tmp_path):
-    from mmcmae_jax.transfer.evaluation import check_recorded_config, evaluate_workdir
+    from mmcmae_jax.run.mismatch import check_recorded_config
+    from mmcmae_jax.run.workdir import evaluate_workdir, read_config
     work = tmp_path / "depth_run"
     work.mkdir()
     (work / "config.json").write_text(tiny("depth").to_json_best_effort(indent=2))  # as finetune.py writes it
@@ -311,11 +313,16 @@ def test_evaluation_refuses_the_config_of_another_task_or_model(tmp_path):
     message = str(err.value)
     assert str(work) in message and "task='depth'" in message and "config.task='segmentation'" in message
 
+    recorded = read_config(str(work / "checkpoints"))  # the checkpoints/ folder names its run too
     with pytest.raises(ConfigError, match=r"config\.head\.features=32.*--config\.head\.features=16"):
-        check_recorded_config(tiny("depth", head=dict(tiny().head, features=32)), str(work / "checkpoints"))
-    check_recorded_config(tiny("depth"), str(work))  # the run's own config
-    check_recorded_config(tiny("depth", model=dict(tiny().model, image_size=64)), str(work))  # sin-cos: any size
-    check_recorded_config(tiny("segmentation"), str(tmp_path / "no_record"))  # older runs: not checked
+        check_recorded_config(tiny("depth", head=dict(tiny().head, features=32)), recorded, str(work))
+    check_recorded_config(tiny("depth"), recorded, str(work))  # the run's own config
+    check_recorded_config(tiny("depth", model=dict(tiny().model, image_size=64)), recorded, str(work))  # sin-cos
+    assert read_config(str(tmp_path / "no_record")) is None  # older runs: not checked
+    check_recorded_config(tiny("segmentation"), None, str(tmp_path / "no_record"))
+    (work / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json: cannot read the run's config"):
+        read_config(str(work))
 
 
 @pytest.mark.parametrize("name", ["finetune_nyu_depth.py", "finetune_nyu_seg.py", "finetune_sunrgbd_seg.py",

@@ -134,7 +134,7 @@ def test_linear_probe_on_a_frozen_encoder_from_a_finetuned_run(nyu):
     """The encoder of another run (here: the segmentation run's), frozen, read by a linear head."""
     from mmcmae_jax.finetune import run_finetune
     from mmcmae_jax.train.checkpoint import restore_params
-    from mmcmae_jax.transfer.evaluation import load_params
+    from mmcmae_jax.run.workdir import load_params
     seg_work = str(nyu["tmp"] / "seg")
     if not os.path.isdir(os.path.join(seg_work, "checkpoints")):
         pytest.skip("needs the segmentation run of test_segmentation_on_real_nyu_labels_through_both_commands")

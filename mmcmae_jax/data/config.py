@@ -147,7 +147,7 @@ def records_path(c, name: str = "config.data") -> str:
 def check_path_given(c, name: str = "config.data") -> None:
     """Raise ConfigError when c.require_path and c.path is empty (run it at start, before training)."""
     if c.require_path and not c.path:
-        from mmcmae_jax.config import ConfigError
+        from mmcmae_jax.errors import ConfigError
         raise ConfigError(f"{name}.path is empty: this config is meant for real data; pass "
                           f"--{name}.path=RECORDS (files, a glob or a directory of converted records, "
                           f"docs/data.md)")

@@ -22,7 +22,6 @@ writes every parameter of the model (decoder, heads, both encoders) under dotted
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Mapping, NamedTuple, Optional
@@ -31,8 +30,9 @@ import numpy as np
 
 from mmcmae_jax.models.vit import parse_variant
 from mmcmae_jax.port.timm_layout import (ImageSize, encoder_image_size, encoder_spec, flax_encoder_to_timm, image_hw,
-                                         timm_constructor, tree_to_state_dict, unflatten)
-
+                                         timm_constructor, tree_to_state_dict)
+from mmcmae_jax.run.mismatch import check_single_stage, variant_mismatch
+from mmcmae_jax.run.workdir import config_path, load_params, read_config, run_workdir, stage_workdirs
 
 
 class ModelSettings(NamedTuple):
@@ -43,36 +43,10 @@ class ModelSettings(NamedTuple):
     image_size_source: str
 
 
-def stage_workdirs(path: str) -> list:
-    """The stage work directories in a multi-stage work directory (`pretrain` with a two-stage config
-    writes W/stage1, W/stage2), or [] when `path` is no such directory."""
-    from mmcmae_jax.train.checkpoint import RUN_CONFIG, run_workdir
-    path = os.path.abspath(path)
-    if not os.path.isdir(path) or run_workdir(path) is not None:
-        return []
-    return [name for name in sorted(os.listdir(path))
-            if os.path.isfile(os.path.join(path, name, RUN_CONFIG))
-            and os.path.isdir(os.path.join(path, name, "checkpoints"))]
-
-
-def _check_single_stage(checkpoint: str) -> None:
-    # Which stage to export is the user's choice (stage 2 holds M3's final encoders): say how to make it
-    # instead of the checkpoint reader's "holds no orbax checkpoint".
-    stages = stage_workdirs(checkpoint)
-    if stages:
-        raise ValueError(f"{checkpoint!r} is a multi-stage work directory (stages: {', '.join(stages)}): "
-                         f"give one stage's, e.g. --checkpoint {os.path.join(checkpoint, stages[-1])}")
-
-
-def read_run_config(path: str) -> tuple:
-    """(model.variant, model.image_size) of a run's config.json; errors name the file and the field."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"{path}: cannot read the run's config ({err}); pass --variant and --image-size "
-                         "instead") from None
-    model = config.get("model") if isinstance(config, dict) else None
+def recorded_model(path: str, config: dict) -> tuple:
+    """(model.variant, model.image_size) of the config a run recorded in `path`; errors name the file
+    and the field."""
+    model = config.get("model")
     if not isinstance(model, dict) or "variant" not in model or "image_size" not in model:
         raise ValueError(f"{path}: no model.variant and model.image_size in it (not a pre-training or "
                          "fine-tuning config?); pass --variant and --image-size instead")
@@ -95,53 +69,27 @@ def model_settings(checkpoint: str, variant: Optional[str] = None,
                    image_size: Optional[ImageSize] = None) -> ModelSettings:
     """--variant and --image-size for `checkpoint`: each from its flag, else from the run's config.json,
     else None (the weights' named size; 224 px)."""
-    _check_single_stage(checkpoint)
-    from mmcmae_jax.train.checkpoint import RUN_CONFIG, run_workdir
-    workdir = run_workdir(checkpoint)
-    config_path = os.path.join(workdir, RUN_CONFIG) if workdir else None
-    from_config = (None, None)
-    if config_path and os.path.isfile(config_path) and (variant is None or image_size is None):
-        from_config = read_run_config(config_path)
+    check_single_stage(checkpoint, stage_workdirs(checkpoint))
+    from_config, config_file = (None, None), None
+    if run_workdir(checkpoint) is not None and (variant is None or image_size is None):
+        config_file = config_path(checkpoint)
+        try:
+            recorded = read_config(checkpoint)
+        except ValueError as err:
+            raise ValueError(f"{err}; pass --variant and --image-size instead") from None
+        if recorded is not None:
+            from_config = recorded_model(config_file, recorded)
 
     def pick(flag_value, flag, config_value, field):
         if flag_value is not None:
             return flag_value, flag
         if config_value is not None:
-            return config_value, f"{field} in {config_path}"
+            return config_value, f"{field} in {config_file}"
         return None, f"no {flag}, no run config.json"
 
     variant, variant_source = pick(variant, "--variant", from_config[0], "model.variant")
     image_size, size_source = pick(image_size, "--image-size", from_config[1], "model.image_size")
     return ModelSettings(variant, variant_source, image_size, size_source)
-
-
-def _take_params(tree: Mapping, where: str) -> dict:
-    if isinstance(tree, Mapping) and isinstance(tree.get("params"), Mapping):
-        tree = tree["params"]
-    if not isinstance(tree, Mapping):
-        raise ValueError(f"{where}: the restored item is a {type(tree).__name__}, not a params dict")
-    return _to_dict(tree)
-
-
-def _to_dict(tree) -> dict:
-    return {str(k): (_to_dict(v) if isinstance(v, Mapping) else np.asarray(v)) for k, v in tree.items()}
-
-
-def load_params(path: str, step: Optional[int] = None) -> dict:
-    """The params tree (NumPy arrays) of a checkpoint directory, `.msgpack` or `.safetensors` file."""
-    if os.path.isfile(path):
-        if path.endswith(".msgpack"):
-            from flax import serialization
-            with open(path, "rb") as f:
-                return _take_params(serialization.msgpack_restore(f.read()), path)
-        if path.endswith(".safetensors"):
-            from safetensors.numpy import load_file
-            flat = load_file(path)
-            tree = unflatten({tuple(k.split("/")): v for k, v in flat.items()})
-            return _take_params(tree, path)
-        raise ValueError(f"{path!r}: expected a checkpoint directory, a .msgpack or a .safetensors file")
-    from mmcmae_jax.train.checkpoint import restore_params
-    return _to_dict(restore_params(path, step))
 
 
 def encoder_params(params: Mapping, modality: str) -> dict:
@@ -173,13 +121,13 @@ def export(checkpoint: str, out: str, *, modality: str = "rgb", full_model: bool
     """Write the state_dicts; returns [(path, timm constructor or None)]. `variant` and `image_size`
     default to the run's config.json (see `model_settings`)."""
     if full_model:  # every parameter under its own name: neither the size nor the image size matters
-        _check_single_stage(checkpoint)
-        state_dict = tree_to_state_dict(load_params(checkpoint, step))
+        check_single_stage(checkpoint, stage_workdirs(checkpoint))
+        state_dict = tree_to_state_dict(load_params(checkpoint, step)[0])
         save_state_dict(state_dict, out, {"format": "pt", "layout": "mmcmae_jax full model, dotted names"})
         return [(out, None)]
     settings = model_settings(checkpoint, variant, image_size)
     variant, image_size = settings.variant, settings.image_size
-    params = load_params(checkpoint, step)
+    params, _ = load_params(checkpoint, step)
     modalities = ("rgb", "depth") if modality == "all" else (modality,)
     written = []
     for m in modalities:
@@ -190,9 +138,7 @@ def export(checkpoint: str, out: str, *, modality: str = "rgb", full_model: bool
             if (found.width, found.depth, found.patch_size) != (wanted.width, wanted.depth, wanted.patch_size):
                 given = (f"--variant {variant}" if settings.variant_source == "--variant"
                          else f"variant {variant} ({settings.variant_source})")
-                raise ValueError(f"{given} is width {wanted.width}, depth {wanted.depth}, patch "
-                                 f"{wanted.patch_size}; the {m} encoder has {found.width}, {found.depth}, "
-                                 f"{found.patch_size}")
+                raise ValueError(variant_mismatch(given, m, wanted, found))
             heads = wanted.num_heads
         spec = encoder_spec(enc, num_heads=heads)
         size = encoder_image_size(enc, image_size)

@@ -6,7 +6,6 @@ batches an uninterrupted run would have read. Saves are asynchronous; the newest
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -115,7 +114,7 @@ def restore_params(directory: str, step=None) -> dict:
     mesh wrote them. `directory`: anything `find_pytree_dir` accepts; the saved item is the trainer's
     state (params under "params") or a params tree itself.
 
-    The one reader of checkpoints: stage 2 from stage 1, fine-tuning, evaluation and export use it."""
+    The commands read parameters through `mmcmae_jax.run.workdir.load_params`, which calls this."""
     path = find_pytree_dir(directory, step)
     checkpointer = ocp.PyTreeCheckpointer()
     # An item folder has no step-level metadata file of its own, which orbax warns about: quiet it.
@@ -150,43 +149,3 @@ class PreemptionFlag:
     def restore_handler(self):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-RUN_CONFIG = "config.json"  # pretrain.run_stage and finetune.run_finetune write it into their work directory
-
-
-def run_workdir(path: str) -> str | None:
-    """The trainer work directory W that `path` names (W, W/checkpoints, W/checkpoints/STEP or
-    W/checkpoints/STEP/ITEM), or None (a file, a standalone PyTree directory)."""
-    path = os.path.abspath(path)
-    if os.path.isfile(path):
-        return None
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        return path
-    for _ in range(3):  # the checkpoints/ folder itself, a step folder, an item folder in it
-        if os.path.basename(path) == "checkpoints":
-            return os.path.dirname(path)
-        path = os.path.dirname(path)
-    return None
-
-
-def recorded_config(path: str) -> dict | None:
-    """The config a run recorded in its work directory (RUN_CONFIG), as a dict; `path` as for
-    `run_workdir`. None when there is none or it does not parse (older runs)."""
-    workdir = run_workdir(path) or os.path.abspath(path)
-    try:
-        with open(os.path.join(workdir, RUN_CONFIG), encoding="utf-8") as f:
-            recorded = json.load(f)
-    except (OSError, ValueError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
-
-
-def recorded_field(recorded: dict, field: str):
-    """A dotted field ("model.variant") of a recorded config, or None when it is not there."""
-    value = recorded
-    for key in field.split("."):
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value

@@ -69,6 +69,25 @@ def check_finite(step: int, metrics: dict):
                              "input data, or resume from the last checkpoint.")
 
 
+def make_train_iterator(config: ml_collections.ConfigDict, data_field: str = "config.data"):
+    """The grain iterator of this process's share of every global batch, at the model's image size;
+    `data_field` names config.data in errors."""
+    from mmcmae_jax.data import pipeline_from_config
+    from mmcmae_jax.errors import ConfigError
+    if config.batch_size % jax.process_count():
+        raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
+                         f"{jax.process_count()} processes")
+    data = config.data.copy_and_resolve_references()
+    with data.unlocked():
+        data.batch_size = config.batch_size // jax.process_count()
+        data.image_size = config.model.image_size
+        data.seed = config.seed
+    try:
+        return pipeline_from_config(data, train=True, name=data_field)
+    except FileNotFoundError as err:  # a path that does not exist: name the field that gave it
+        raise ConfigError(f"{data_field}.path={data.path!r}: {err}") from None
+
+
 def make_trainer_optimizer(config: ml_collections.ConfigDict, update_scale: Callable | None = None):
     """(optimizer, schedule) of a run: clipped AdamW with warm-up and cosine from config.optim. A step
     with a non-finite gradient moves no parameter, and the host stops the run when it reads the step's

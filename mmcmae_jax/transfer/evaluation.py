@@ -3,7 +3,8 @@ batch on the device, totals on the host (see transfer/metrics.py).
 
 Evaluation runs in one process on its local devices and reads every evaluation frame once (the
 pipeline's eval transform: central square crop, resized to the model's input size). Metrics are
-computed at that resolution, in metres against `depth_m` with its validity mask for depth.
+computed at that resolution, in metres against `depth_m` with its validity mask for depth. A work
+directory's checkpoint is evaluated by `mmcmae_jax.run.workdir.evaluate_workdir`.
 """
 from __future__ import annotations
 
@@ -17,43 +18,7 @@ import numpy as np
 
 from mmcmae_jax.train import sharding
 from mmcmae_jax.transfer import metrics
-from mmcmae_jax.transfer.objective import ENCODER, label_table, predict_fn, remap_labels
-
-FROZEN_ENCODER_DIR = "frozen_encoder"  # a frozen-encoder run keeps its (untrained) encoder here
-
-
-def save_frozen_encoder(workdir: str, encoder: dict):
-    """Write the encoder a frozen-encoder run reads, so its checkpoints evaluate on their own."""
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(os.path.join(workdir, FROZEN_ENCODER_DIR))
-    if not os.path.exists(path):
-        ocp.PyTreeCheckpointer().save(path, jax.tree.map(np.asarray, encoder))
-
-
-def load_frozen_encoder(workdir: str) -> dict:
-    import orbax.checkpoint as ocp
-    path = os.path.abspath(os.path.join(workdir, FROZEN_ENCODER_DIR))
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{workdir!r} holds a frozen-encoder run's head but not its encoder "
-                                f"({FROZEN_ENCODER_DIR}/ is missing)")
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(path).item_metadata.tree
-    return checkpointer.restore(path, restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree))
-
-
-def load_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
-    """(full parameters, step) of a fine-tuning checkpoint: the frozen encoder added when it was frozen."""
-    from mmcmae_jax.train.checkpoint import checkpoint_dir, restore_params
-    directory = checkpoint_dir(workdir)
-    if step is None:
-        steps = sorted(int(n) for n in os.listdir(directory) if n.isdigit()) if os.path.isdir(directory) else []
-        if not steps:
-            raise FileNotFoundError(f"no checkpoint in {directory!r}")
-        step = steps[-1]
-    params = dict(restore_params(workdir, step))
-    if ENCODER not in params:
-        params[ENCODER] = load_frozen_encoder(workdir)
-    return params, step
+from mmcmae_jax.transfer.objective import label_table, predict_fn, remap_labels
 
 
 def eval_batches(data: ml_collections.ConfigDict, image_size: int, batch_size: int):
@@ -163,69 +128,3 @@ def write_results(results: dict, path: str):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)
-
-
-def _shape_fields(task: str, pos_embed) -> tuple:
-    """The config fields, besides the task, that decide a fine-tuned model's parameter shapes: the
-    encoder, the head, the classes of segmentation, the image size with learned positions only."""
-    fields = ("model.variant", "model.pos_embed", "model.use_cls_token", "head.kind", "head.features",
-              "head.reassemble_dims")
-    if task == "segmentation":
-        fields += ("num_classes",)
-    if pos_embed == "learned":
-        fields += ("model.image_size",)
-    return fields
-
-
-def _config_value(config, field: str):
-    """A dotted field of `config`, as config.json records it (tuples as lists)."""
-    value = config
-    for key in field.split("."):
-        value = value[key]
-    return list(value) if isinstance(value, tuple) else value
-
-
-def _override(field: str, value) -> str:
-    """The command-line flag that sets `field` to a recorded `value`."""
-    if isinstance(value, list):  # a tuple field: quoted for the shell
-        return f"--config.{field}='({','.join(map(str, value))})'"
-    return f"--config.{field}={value}"
-
-
-def check_recorded_config(config, workdir: str):
-    """Raise ConfigError when `config` would not build the model `workdir` was fine-tuned as (its
-    config.json), before restoring: otherwise Flax stops with a raw ScopeParamShapeError. A work
-    directory without config.json (an older run) is not checked."""
-    from mmcmae_jax.config import ConfigError
-    from mmcmae_jax.train.checkpoint import recorded_config, recorded_field
-    recorded = recorded_config(workdir)
-    if recorded is None:
-        return
-    task = recorded_field(recorded, "task")
-    if task is not None and task != config.task:
-        raise ConfigError(f"{workdir!r} was fine-tuned for {task} (task={task!r} in its config.json) but "
-                          f"the config is for {config.task} (config.task={config.task!r}): evaluate it with "
-                          f"the config it was fine-tuned with")
-    fields = _shape_fields(config.task, recorded_field(recorded, "model.pos_embed"))
-    differ = [f for f in fields if recorded_field(recorded, f) not in (None, _config_value(config, f))]
-    if differ:
-        given = ", ".join(f"config.{f}={_config_value(config, f)!r}" for f in differ)
-        overrides = " ".join(_override(f, recorded_field(recorded, f)) for f in differ)
-        raise ConfigError(f"{workdir!r} was fine-tuned as another {config.task} model than the config's "
-                          f"({given}): evaluate it with the config it was fine-tuned with, or add "
-                          f"{overrides} (from its config.json)")
-
-
-def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | None = None) -> dict:
-    """Evaluate a fine-tuning checkpoint (the latest by default), print the table, write the JSON."""
-    from mmcmae_jax.transfer.splits import require_labelled_frames
-    check_recorded_config(config, workdir)
-    require_labelled_frames(config, "eval_data")
-    params, step = load_params(workdir, step)
-    results = evaluate(config, params)
-    results.update(step=step, workdir=os.path.abspath(workdir), eval_data=config.eval_data.path or "procedural")
-    out = out or os.path.join(workdir, "eval", f"step_{step}.json")
-    write_results(results, out)
-    print(format_results(results), flush=True)
-    print(f"results written to {out}", flush=True)
-    return results

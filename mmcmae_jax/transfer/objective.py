@@ -4,7 +4,8 @@
 
 `params` are the trained parameters: {"rgb_encoder", "head"}, or only {"head"} with a frozen encoder,
 which then arrives in `frozen` (no gradient, no optimiser state). The encoder start (a pre-training
-checkpoint, ImageNet MAE weights, or scratch) and the layer-wise learning-rate decay live here too.
+checkpoint, ImageNet MAE weights, or scratch: mmcmae_jax/run/start.py) and the layer-wise learning-rate
+decay live here too.
 """
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mmcmae_jax.config import ConfigError
 from mmcmae_jax.models import matmul
 from mmcmae_jax.models.vit import parse_variant
 from mmcmae_jax.objectives import Objective, with_matmul_precision
@@ -123,92 +123,6 @@ def encoder_template(config: ml_collections.ConfigDict):
     size = config.model.image_size
     shapes = jax.eval_shape(lambda: make_model(config).init(jax.random.key(0), jnp.zeros((1, size, size, 3))))
     return shapes["params"][ENCODER]
-
-
-# The config.model fields that decide the RGB encoder's parameters (image_size with learned positions only).
-ENCODER_FIELDS = ("variant", "image_size", "pos_embed", "use_cls_token")
-
-
-def _check_shapes(found, template, config: ml_collections.ConfigDict):
-    """Raise ConfigError when the encoder `found` in config.init_from does not fit config.model's
-    `template`, saying both models in words (see `_encoder_mismatch`)."""
-    mismatched = []
-
-    def compare(path, a, b):
-        if tuple(np.shape(a)) != tuple(b.shape):
-            mismatched.append(f"{jax.tree_util.keystr(path)}: {tuple(np.shape(a))} vs {tuple(b.shape)}")
-    try:
-        jax.tree_util.tree_map_with_path(compare, found, template)
-    except ValueError as err:  # different tree structure; JAX's account of it spans many lines
-        brief = " ".join(str(err).split())
-        brief = brief if len(brief) <= 200 else brief[:200] + " ..."
-        raise ConfigError(_encoder_mismatch(config, found, f"another structure: {brief}")) from None
-    if mismatched:
-        raise ConfigError(_encoder_mismatch(config, found, f"other shapes: {mismatched[:3]}"))
-
-
-def _weights_summary(encoder) -> str:
-    """What the weights alone tell of an encoder (width, blocks, patch); heads and image size they do not."""
-    try:
-        patch, _, _, width = np.shape(encoder["patch_embed"]["proj"]["kernel"])
-        return f"width {width}, {len(encoder['blocks'])} blocks, patch {patch}"
-    except (KeyError, TypeError, ValueError):
-        return "an encoder of another layout"
-
-
-def _encoder_mismatch(config: ml_collections.ConfigDict, found, detail: str) -> str:
-    """The message for an init_from encoder that does not fit config.model: the checkpoint's variant and
-    image size (from the config.json its run recorded) against config.model's, and the overrides that
-    make config.model the checkpoint's. The raw tree difference only when config.json cannot explain it."""
-    from mmcmae_jax.train.checkpoint import recorded_config, recorded_field
-    model = config.model
-    where = f"config.init_from={config.init_from!r}"
-    ours = f"{model.variant} at {model.image_size} px"
-    recorded = recorded_config(config.init_from) or {}
-    theirs = {k: recorded_field(recorded, f"model.{k}") for k in ENCODER_FIELDS}
-    if theirs["variant"] is None:
-        return (f"{where}: its RGB encoder ({_weights_summary(found)}) does not fit config.model, {ours}; "
-                f"no config.json of its run is there to name its variant and image size: set "
-                f"--config.model.variant (and image_size) to the pre-training run's ({detail})")
-    differ = [k for k in ENCODER_FIELDS if theirs[k] is not None and theirs[k] != model[k]]
-    if not differ:  # the record agrees with config.model, yet the weights do not
-        return (f"{where}: its RGB encoder does not fit config.model, {ours}, although its run's config.json "
-                f"records that model, so the config.json does not describe these weights ({detail})")
-    head = (f"{where}: its RGB encoder is {theirs['variant']} at {theirs['image_size']} px (its run's "
-            f"config.json) but config.model is {ours}")
-    overrides = " ".join(f"--config.model.{k}={theirs[k]}" for k in differ)
-    note = ""
-    if "image_size" in differ and theirs["pos_embed"] == "sincos":
-        note = " (with sin-cos positions image_size may also stay as it is)"
-    return f"{head}; fine-tune it with {overrides}{note}"
-
-
-def start_encoder(config: ml_collections.ConfigDict):
-    """The RGB encoder's starting parameters as NumPy, or None to start from scratch.
-
-    config.init_from: a work directory of stage 1, stage 2 or a fine-tuning run (its `rgb_encoder`);
-    config.init_from_mae: ImageNet MAE / timm ViT weights (.pth, .safetensors), read by the port."""
-    template = encoder_template(config)
-    if config.init_from:
-        from mmcmae_jax.train.checkpoint import restore_params
-        try:
-            params = restore_params(config.init_from)
-        except (FileNotFoundError, OSError, ValueError) as err:
-            raise ConfigError(f"config.init_from={config.init_from!r}: {err}") from None
-        if ENCODER not in params:
-            raise ConfigError(f"config.init_from={config.init_from!r}: the checkpoint has no {ENCODER!r} "
-                             f"(it has {sorted(params)})")
-        encoder = params[ENCODER]
-        _check_shapes(encoder, template, config)
-        return encoder
-    if config.init_from_mae:
-        from mmcmae_jax.port.mae_import import load_mae_into_encoder
-        try:
-            return load_mae_into_encoder(config.init_from_mae, template, in_chans=3,
-                                         image_size=config.model.image_size)
-        except (ValueError, OSError, KeyError) as err:
-            raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
-    return None
 
 
 def random_encoder(config: ml_collections.ConfigDict):

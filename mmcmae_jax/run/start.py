@@ -1,0 +1,76 @@
+"""Where a run's parameters start: the work directory of an earlier run (config.init_from) and/or
+ImageNet MAE weights (config.init_from_mae), read before any data is, with errors naming the field."""
+from __future__ import annotations
+
+from mmcmae_jax.errors import ConfigError
+from mmcmae_jax.run.mismatch import check_encoder_fits
+from mmcmae_jax.run.workdir import load_params, read_config
+
+
+def pretraining_start(config, objective, name: str = "stage2"):
+    """(frozen teachers, initial_params) of a pre-training run: encoders from ImageNet MAE weights
+    (config.init_from_mae) and/or, in stage 2, from the stage-1 checkpoint in config.init_from, which
+    also gives the teachers. initial_params maps freshly initialised params to the started ones, or is
+    None when nothing is started from."""
+    from mmcmae_jax.objectives import init_stage2_from_stage1, teacher_params_from_stage1
+    stage2 = config.objective.stage == 2
+    if stage2 and objective.teacher is not None and not config.init_from:
+        raise ValueError("config.init_from: stage 2 distils the stage-1 encoders, so it needs the stage-1 "
+                         "work directory (or set config.objective.weights.distill=0)")
+    if stage2 and not config.init_from and not config.init_from_mae:
+        # Right for the baselines (MAE, MultiMAE-, Mask3D-style), wrong for M3 and its ablations: say so.
+        print(f"[{name}] the encoders start from random weights: config.init_from and config.init_from_mae "
+              "are empty (M3's stage 2 and its ablations start from stage 1: --config.init_from=W/stage1)",
+              flush=True)
+    stage1 = load_params(config.init_from)[0] if stage2 and config.init_from else None
+    frozen = teacher_params_from_stage1(stage1, tuple(config.objective.inputs)) if objective.teacher else None
+    if stage1 is None and not config.init_from_mae:
+        return frozen, None
+
+    def initial_params(params):
+        if config.init_from_mae:
+            from mmcmae_jax.port.mae_import import init_encoders_from_mae
+            try:
+                params = init_encoders_from_mae(params, config.init_from_mae, image_size=config.model.image_size)
+            except (ValueError, OSError) as err:
+                raise ValueError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
+        if stage1 is not None:
+            try:
+                params = init_stage2_from_stage1(params, stage1)
+            except ValueError as err:
+                raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
+        return params
+
+    return frozen, initial_params
+
+
+def start_encoder(config):
+    """The RGB encoder a fine-tuning run starts from, as NumPy, or None to start from scratch.
+
+    config.init_from: a work directory of stage 1, stage 2 or a fine-tuning run (its RGB encoder);
+    config.init_from_mae: ImageNet MAE / timm ViT weights (.pth, .safetensors), read by the port."""
+    from mmcmae_jax.transfer.objective import ENCODER, encoder_template
+    template = encoder_template(config)
+    if config.init_from:
+        try:
+            params, _ = load_params(config.init_from)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            raise ConfigError(f"config.init_from={config.init_from!r}: {err}") from None
+        if ENCODER not in params:
+            raise ConfigError(f"config.init_from={config.init_from!r}: the checkpoint has no {ENCODER!r} "
+                              f"(it has {sorted(params)})")
+        encoder = params[ENCODER]
+        try:
+            recorded = read_config(config.init_from) or {}
+        except ValueError:  # unreadable: the explanation says what the weights tell
+            recorded = {}
+        check_encoder_fits(encoder, template, config, recorded)
+        return encoder
+    if config.init_from_mae:
+        from mmcmae_jax.port.mae_import import load_mae_into_encoder
+        try:
+            return load_mae_into_encoder(config.init_from_mae, template, in_chans=3,
+                                         image_size=config.model.image_size)
+        except (ValueError, OSError, KeyError) as err:
+            raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
+    return None

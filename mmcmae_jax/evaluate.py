@@ -21,12 +21,18 @@ _OUT = flags.DEFINE_string("out", None, "Results JSON; default WORKDIR/eval/step
 
 
 def main(config, workdir: str) -> int:
+    import os
     from mmcmae_jax.run.workdir import evaluate_workdir
     from mmcmae_jax.transfer.config import validate_finetune
     validate_finetune(config)
-    evaluate_workdir(config, workdir, _STEP.value, _OUT.value)
+    if not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir}: no such directory (the fine-tuning run's work directory)")
+    try:
+        evaluate_workdir(config, workdir, _STEP.value, _OUT.value)
+    except FileNotFoundError as err:  # no checkpoint (or no such --step) in the given work directory
+        raise ConfigError(f"--workdir={workdir}: {err}") from None
     return 0
 
 
 if __name__ == "__main__":
-    cli.run_command(main, distributed=False, reported=(ConfigError, FileNotFoundError))
+    cli.run_command(main, distributed=False)

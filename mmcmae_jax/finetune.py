@@ -44,8 +44,7 @@ def run_finetune(config, workdir: str, name: str = "finetune"):
     """Check the config, fine-tune, then evaluate the final parameters. Returns (TrainResult, eval
     results or None)."""
     import jax
-    from mmcmae_jax.data.config import check_path_given
-    from mmcmae_jax.run.start import start_encoder
+    from mmcmae_jax.run.start import check_input_paths, start_encoder
     from mmcmae_jax.run.workdir import check_workdir, evaluate_workdir, save_frozen_encoder, write_config
     from mmcmae_jax.train.trainer import make_train_iterator, train
     from mmcmae_jax.transfer.config import validate_finetune
@@ -54,9 +53,7 @@ def run_finetune(config, workdir: str, name: str = "finetune"):
 
     validate_finetune(config)
     check_workdir(workdir)
-    check_path_given(config.data, "config.data")
-    if config.eval.at_end:
-        check_path_given(config.eval_data, "config.eval_data")
+    check_input_paths(config)
     write_config(config, workdir)
     encoder = start_encoder(config)  # checked before any data is read
     # Segmentation on records without label maps would train on nothing (loss 0) for every step and

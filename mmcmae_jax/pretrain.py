@@ -19,11 +19,15 @@ def run(config, workdir: str) -> dict:
     """Check the config (every stage of it), then run every stage of `config` (or the config itself, if
     it is one stage). Returns {stage: TrainResult}."""
     from mmcmae_jax.config import validate_pretraining
+    from mmcmae_jax.run.start import check_input_paths
     from mmcmae_jax.run.workdir import check_workdir
     validate_pretraining(config)
     check_workdir(workdir)
     if "stages" not in config:
+        check_input_paths(config)
         return {"train": run_stage(config, workdir, "train")}
+    for name in config.stages:
+        check_input_paths(config[name], f"config.{name}")
     results, previous = {}, None
     for name in config.stages:
         stage_config = config[name]
@@ -48,9 +52,9 @@ def run_stage(config, workdir: str, name: str):
 
     write_config(config, workdir)
     objective = make_objective(config)
+    frozen, initial_params = pretraining_start(config, objective, name)  # weight files read before the data
     iterator = make_train_iterator(config, "config.data" if name == "train" else f"config.{name}.data")
     images_fn = stage2_picture_fn(objective, config, workdir) if config.objective.stage == 2 else None
-    frozen, initial_params = pretraining_start(config, objective, name)
     print(f"[{name}] stage {config.objective.stage}, {config.model.variant} at {config.model.image_size}px, "
           f"global batch {config.batch_size}, {config.total_steps} steps -> {workdir}", flush=True)
     return train(config, workdir, iterator, objective, name=name, images_fn=images_fn, frozen=frozen,

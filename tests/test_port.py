@@ -264,11 +264,11 @@ def test_export_errors_are_clear(tmp_path, capsys):
     params = stage1_params()
     (tmp_path / "p.msgpack").write_bytes(serialization.msgpack_serialize({"params": params}))
     assert export_main(["--checkpoint", str(tmp_path / "p.msgpack"), "--out", str(tmp_path / "x.safetensors"),
-                        "--variant", "B/16"]) == 1
+                        "--variant", "B/16"]) == 2
     assert "--variant B/16 is width 768" in capsys.readouterr().err
     with pytest.raises(ValueError, match="give the head count"):
         export(str(tmp_path / "p.msgpack"), str(tmp_path / "x.safetensors"))
-    assert export_main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert export_main(["--checkpoint", str(tmp_path / "nothing"), "--out", str(tmp_path / "x.safetensors")]) == 2
     assert "no checkpoint directory" in capsys.readouterr().err
     with pytest.raises(ValueError, match="no thermal_encoder"):
         export(str(tmp_path / "p.msgpack"), str(tmp_path / "x.safetensors"), modality="thermal", variant=TINY)
@@ -334,7 +334,7 @@ def test_export_of_a_two_stage_workdir_names_the_stages(tmp_path, capsys):
     for stage in ("stage1", "stage2"):
         pretrain_workdir(tmp_path / "demo" / stage, params)
     demo = str(tmp_path / "demo")
-    assert export_main(["--checkpoint", demo, "--out", str(tmp_path / "x.safetensors")]) == 1
+    assert export_main(["--checkpoint", demo, "--out", str(tmp_path / "x.safetensors")]) == 2
     err = capsys.readouterr().err
     assert "multi-stage work directory (stages: stage1, stage2)" in err
     assert f"--checkpoint {os.path.join(demo, 'stage2')}" in err
@@ -358,7 +358,7 @@ def test_export_flags_override_config_json(tmp_path, capsys):
     assert "img_size=(16, 40), patch_size=8, embed_dim=64, depth=2, num_heads=2" in printed
     # A config.json whose variant the weights do not have says where that variant came from.
     other = pretrain_workdir(tmp_path / "other", params, variant="64x4x2/8")
-    assert export_main(["--checkpoint", other, "--out", out]) == 1
+    assert export_main(["--checkpoint", other, "--out", out]) == 2
     config_json = os.path.join(other, "config.json")
     assert f"variant 64x4x2/8 (model.variant in {config_json}) is width 64, depth 4" in capsys.readouterr().err
 
@@ -375,7 +375,7 @@ def test_broken_config_json_is_named(tmp_path, capsys, text, message):
     with open(config_json, "w", encoding="utf-8") as f:
         f.write(text)
     out = str(tmp_path / "rgb.safetensors")
-    assert export_main(["--checkpoint", workdir, "--out", out]) == 1
+    assert export_main(["--checkpoint", workdir, "--out", out]) == 2
     err = capsys.readouterr().err
     assert f"{config_json}: " in err and message in err and "Traceback" not in err
     # Both flags given: config.json is not needed, so not read.
@@ -511,5 +511,6 @@ def test_official_mae_pth_layout_and_weights_only(tmp_path):
     evil = tmp_path / "evil.pth"
     with open(evil, "wb") as f:
         pickle.dump({"model": Payload()}, f, protocol=2)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match=r"evil\.pth: cannot be read .*UnpicklingError") as err:
         read_state_dict(str(evil))
+    assert isinstance(err.value.__cause__, pickle.UnpicklingError)

@@ -19,6 +19,7 @@ from typing import Iterable
 from mmcmae_jax.data import depth_units, records, schema, sources
 from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.data.pipeline import SkipLog
+from mmcmae_jax.errors import run_reporting
 
 
 def write_example_shards(
@@ -98,6 +99,8 @@ def _add_shared_arguments(p: argparse.ArgumentParser, source: sources.Source):
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--format", choices=records.FORMATS, default=records.ARRAY_RECORD)
     p.add_argument("--skip-bad", action="store_true", help="count, log and leave out bad frames")
+    p.add_argument("--debug", action="store_true", help="a failure's traceback instead of its one line "
+                   "(also MMCMAE_DEBUG=1)")
     if source.frames is not None:
         default = depth_units.PlausibleDepth()
         p.add_argument(
@@ -110,17 +113,15 @@ def _add_shared_arguments(p: argparse.ArgumentParser, source: sources.Source):
 
 
 def main(argv=None) -> int:
-    """Run one conversion; bad input (RecordError) is printed as one line, and the exit status is 1."""
+    """Run one conversion; bad input (RecordError, a file that cannot be read or written) is printed as
+    one line, and the exit status is 1 (mmcmae_jax/errors.py; --debug for the traceback)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     args = build_parser().parse_args(argv)
-    try:
-        paths = convert(args)
-    except RecordError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    for path in paths:
-        print(path)
-    return 0
+
+    def convert_and_print():
+        for path in convert(args):
+            print(path)
+    return run_reporting(convert_and_print, args.debug)
 
 
 def convert(args: argparse.Namespace) -> list[str]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from mmcmae_jax.errors import RunError
 
-class RecordError(ValueError):
+
+class RecordError(RunError, ValueError):
     """A record (or a source frame) that cannot be used, with where it came from.
 
     Attributes:

@@ -28,6 +28,7 @@ from typing import Mapping, NamedTuple, Optional
 
 import numpy as np
 
+from mmcmae_jax.errors import ConfigError, one_line, run_reporting
 from mmcmae_jax.models.vit import parse_variant
 from mmcmae_jax.port.timm_layout import (ImageSize, encoder_image_size, encoder_spec, flax_encoder_to_timm, image_hw,
                                          timm_constructor, tree_to_state_dict)
@@ -184,15 +185,22 @@ def main(argv=None) -> int:
                         help="N or H,W for the sin-cos table and img_size (default: model.image_size of the "
                         "run's config.json, else 224; a learned table fixes it)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--debug", action="store_true", help="a failure's traceback instead of its one line "
+                        "(also MMCMAE_DEBUG=1)")
     args = parser.parse_args(argv)
+    return run_reporting(lambda: _export_and_print(args), args.debug)
+
+
+def _export_and_print(args) -> int:
     try:
         if not args.full_model:
             _print_settings(model_settings(args.checkpoint, args.variant, args.image_size))
         written = export(args.checkpoint, args.out, modality=args.modality, full_model=args.full_model,
                          variant=args.variant, image_size=args.image_size, step=args.step)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"export failed: {err}", file=sys.stderr)
-        return 1
+    except (ValueError, FileNotFoundError) as err:  # the flags do not fit the checkpoint, or name none
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"export of --checkpoint={args.checkpoint}: {one_line(err)}") from None
     for path, constructor in written:
         print(f"wrote {path}")
         if constructor:

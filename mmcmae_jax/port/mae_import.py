@@ -29,6 +29,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
 
+from mmcmae_jax.errors import unreadable_as
 from mmcmae_jax.models.vit import sincos_pos_embed_2d
 from mmcmae_jax.port.timm_layout import ImageSize, image_hw, state_dict_to_tree
 
@@ -65,7 +66,8 @@ def read_state_dict(source: StateDictSource) -> dict:
             raise FileNotFoundError(f"no weights file at {path!r}")
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
-            raw = load_file(path)
+            with unreadable_as(ValueError, path, "a safetensors file"):
+                raw = load_file(path)
         else:
             try:
                 import torch
@@ -73,7 +75,8 @@ def read_state_dict(source: StateDictSource) -> dict:
                 raise ImportError(f"reading the PyTorch checkpoint {path!r} needs torch: pip install "
                                   "'mmcmae_jax[torch]' (or convert it to .safetensors elsewhere)") from None
             # weights_only: tensors and plain containers only; a pickle that would run code is refused.
-            raw = torch.load(path, map_location="cpu", weights_only=True)
+            with unreadable_as(ValueError, path, "a PyTorch checkpoint (torch.load, weights only)"):
+                raw = torch.load(path, map_location="cpu", weights_only=True)
     for key in ("model", "state_dict"):
         if isinstance(raw, Mapping) and "patch_embed.proj.weight" not in raw and isinstance(raw.get(key), Mapping):
             raw = raw[key]

@@ -2,7 +2,9 @@
 ImageNet MAE weights (config.init_from_mae), read before any data is, with errors naming the field."""
 from __future__ import annotations
 
-from mmcmae_jax.errors import ConfigError
+import os
+
+from mmcmae_jax.errors import CheckpointError, ConfigError
 from mmcmae_jax.run.mismatch import check_encoder_fits
 from mmcmae_jax.run.workdir import load_params, read_config
 
@@ -22,23 +24,36 @@ def pretraining_start(config, objective, name: str = "stage2"):
         print(f"[{name}] the encoders start from random weights: config.init_from and config.init_from_mae "
               "are empty (M3's stage 2 and its ablations start from stage 1: --config.init_from=W/stage1)",
               flush=True)
-    stage1 = load_params(config.init_from)[0] if stage2 and config.init_from else None
+    stage1 = None
+    if stage2 and config.init_from:
+        try:
+            stage1 = load_params(config.init_from)[0]
+        except (OSError, ValueError, CheckpointError) as err:
+            raise ConfigError(f"config.init_from={config.init_from!r}: {err}") from None
     frozen = teacher_params_from_stage1(stage1, tuple(config.objective.inputs)) if objective.teacher else None
-    if stage1 is None and not config.init_from_mae:
+    # The weights file is read now, before the model and the data are built: a bad file ends the run here.
+    mae_weights = None
+    if config.init_from_mae:
+        from mmcmae_jax.port.mae_import import read_state_dict
+        try:
+            mae_weights = read_state_dict(config.init_from_mae)
+        except (ValueError, OSError, ImportError) as err:
+            raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
+    if stage1 is None and mae_weights is None:
         return frozen, None
 
     def initial_params(params):
-        if config.init_from_mae:
+        if mae_weights is not None:
             from mmcmae_jax.port.mae_import import init_encoders_from_mae
             try:
-                params = init_encoders_from_mae(params, config.init_from_mae, image_size=config.model.image_size)
-            except (ValueError, OSError) as err:
-                raise ValueError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
+                params = init_encoders_from_mae(params, mae_weights, image_size=config.model.image_size)
+            except ValueError as err:
+                raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
         if stage1 is not None:
             try:
                 params = init_stage2_from_stage1(params, stage1)
             except ValueError as err:
-                raise ValueError(f"config.init_from={config.init_from!r}: {err}") from None
+                raise ConfigError(f"config.init_from={config.init_from!r}: {err}") from None
         return params
 
     return frozen, initial_params
@@ -54,7 +69,7 @@ def start_encoder(config):
     if config.init_from:
         try:
             params, _ = load_params(config.init_from)
-        except (FileNotFoundError, OSError, ValueError) as err:
+        except (OSError, ValueError, CheckpointError) as err:
             raise ConfigError(f"config.init_from={config.init_from!r}: {err}") from None
         if ENCODER not in params:
             raise ConfigError(f"config.init_from={config.init_from!r}: the checkpoint has no {ENCODER!r} "
@@ -71,6 +86,29 @@ def start_encoder(config):
         try:
             return load_mae_into_encoder(config.init_from_mae, template, in_chans=3,
                                          image_size=config.model.image_size)
-        except (ValueError, OSError, KeyError) as err:
+        except (ValueError, OSError, KeyError, ImportError) as err:
             raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
     return None
+
+
+def check_input_paths(config, name: str = "config") -> None:
+    """Every input a run's config names by path exists, checked before anything is built: the records
+    (`data.path`, and `eval_data.path` where evaluation reads it), an earlier run (`init_from`) and
+    ImageNet MAE weights (`init_from_mae`). ConfigError naming the field; `name` is the config's own path
+    (config.stage2 in a two-stage run). Paths in a bucket (gs://) are left to their readers."""
+    from mmcmae_jax.data.config import check_path_given
+    from mmcmae_jax.data.records import expand_paths
+    fields = ["data"] + (["eval_data"] if "eval_data" in config and config.get("eval", {}).get("at_end") else [])
+    for field in fields:  # an empty path first: it says which config needs which records
+        check_path_given(config[field], f"{name}.{field}")
+    for field in fields:
+        path = config[field].path
+        if path and "://" not in path:
+            try:
+                expand_paths(path)
+            except FileNotFoundError as err:
+                raise ConfigError(f"{name}.{field}.path={path!r}: {err}") from None
+    if config.get("init_from") and "://" not in config.init_from and not os.path.exists(config.init_from):
+        raise ConfigError(f"{name}.init_from={config.init_from!r}: no such work directory or checkpoint")
+    if config.get("init_from_mae") and "://" not in config.init_from_mae and not os.path.isfile(config.init_from_mae):
+        raise ConfigError(f"{name}.init_from_mae={config.init_from_mae!r}: no such weights file")

@@ -12,20 +12,33 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Mapping
 
 import numpy as np
 
-from mmcmae_jax.errors import ConfigError
+from mmcmae_jax.errors import CheckpointError, ConfigError, unreadable_as
 
 RUN_CONFIG = "config.json"
 FROZEN_ENCODER_DIR = "frozen_encoder"
 
 
 def check_workdir(workdir: str) -> None:
-    """Refuse a --workdir that is a file, before anything is written."""
+    """Refuse a --workdir that is a file or cannot be written to, before anything is built: found later,
+    it would end the run at its first metrics line or checkpoint."""
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise ConfigError(f"--workdir={workdir}: is a file, not a directory")
+    if "://" in workdir:  # a bucket: written through its own client, which reports its own errors
+        return
+    existing = os.path.abspath(workdir)  # the directory itself, or the ancestor it would be made in
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise ConfigError(f"--workdir={workdir}: cannot write there ({err.strerror or err}); "
+                          "give a directory this process can write to") from None
 
 
 def write_config(config, workdir: str) -> None:
@@ -126,22 +139,29 @@ def load_params(path: str, step: int | None = None) -> tuple[dict, int | None]:
     (safetensors keys are Flax paths joined by '/'; the step is then None). A frozen-encoder fine-tuning
     run's checkpoints hold only the head: its frozen encoder is added.
 
-    The one reader of parameters for the commands: fine-tuning's start, evaluation and export."""
+    The one reader of parameters for the commands: fine-tuning's start, evaluation and export. A file or
+    checkpoint that exists but does not read raises CheckpointError naming it."""
     if os.path.isfile(path):
         if path.endswith(".msgpack"):
             from flax import serialization
             with open(path, "rb") as f:
-                return _take_params(serialization.msgpack_restore(f.read()), path), None
+                data = f.read()
+            with unreadable_as(CheckpointError, path, "a msgpack file of params"):
+                tree = serialization.msgpack_restore(data)
+            return _take_params(tree, path), None
         if path.endswith(".safetensors"):
             from safetensors.numpy import load_file
             from mmcmae_jax.port.timm_layout import unflatten
-            tree = unflatten({tuple(k.split("/")): v for k, v in load_file(path).items()})
+            with unreadable_as(CheckpointError, path, "a safetensors file"):
+                tensors = load_file(path)
+            tree = unflatten({tuple(k.split("/")): v for k, v in tensors.items()})
             return _take_params(tree, path), None
         raise ValueError(f"{path!r}: expected a checkpoint directory, a .msgpack or a .safetensors file")
     from mmcmae_jax.train.checkpoint import find_pytree_dir, restore_params
     from mmcmae_jax.transfer.objective import ENCODER
     pytree_dir = find_pytree_dir(path, step)
-    params = _to_dict(restore_params(pytree_dir))
+    with unreadable_as(CheckpointError, pytree_dir, "an orbax checkpoint"):
+        params = _to_dict(restore_params(pytree_dir))
     workdir = run_workdir(path)
     if workdir is not None and "head" in params and ENCODER not in params:
         params[ENCODER] = _to_dict(_load_frozen_encoder(workdir))

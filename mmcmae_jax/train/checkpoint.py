@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
+import sys
 
 import grain
 from absl import logging as absl_logging
@@ -16,18 +18,29 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mmcmae_jax.errors import CheckpointError, debug_requested, one_line
+
 log = logging.getLogger(__name__)
 
 
 class Checkpointer:
+    """A CheckpointManager whose failures end the run at once, in one line: a save that fails in the
+    background is found at the next step (not at the next save), and its temporary folder is removed;
+    a checkpoint that does not read back is skipped for the newest one that does, saying which and why."""
+
     def __init__(self, directory: str, keep: int = 3, every_steps: int = 1000, async_save: bool = True):
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
             item_names=("state", "data"),
+            # cleanup_tmp_directories: a save cut off by a kill leaves a temporary folder; a new start removes it.
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every_steps,
-                                                 enable_async_checkpointing=async_save, create=True),
+                                                 enable_async_checkpointing=async_save, create=True,
+                                                 cleanup_tmp_directories=True),
         )
+        self._pending = None  # the step of a save still being written in the background
+        self._failed = False
+        _quiet_orbax_tracebacks()
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -36,27 +49,107 @@ class Checkpointer:
         args = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             args["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+        except Exception as err:  # noqa: BLE001 -- the previous save's background failure surfaces here too
+            self._fail(self._pending if self._pending is not None else step, step, err)
         if saved:
+            self._pending = step
             log.info("checkpoint: saving step %d to %s", step, self.directory)
         return saved
 
+    def check_saved(self, step: int) -> None:
+        """Raise CheckpointError if the background save has ended in failure; `step` is the current one.
+        Costs no wait: it reads a flag while the save is under way."""
+        if self._pending is None or self.manager.is_saving_in_progress():
+            return
+        pending, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()  # returns at once: the save has ended; raises its error
+        except Exception as err:  # noqa: BLE001 -- orbax and tensorstore raise many types
+            self._fail(pending, step, err)
+
+    def _fail(self, saved_step: int, step: int, err: Exception):
+        self._failed = True
+        try:  # let the save's other writes end before its folder is removed (they would recreate it)
+            self.manager.wait_until_finished()
+        except Exception:  # noqa: BLE001 -- the failure being reported
+            pass
+        if jax.process_index() == 0:
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{saved_step}.") and "orbax-checkpoint-tmp" in name:
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        intact = [s for s in self.manager.all_steps() if s != saved_step]
+        resume = f"it resumes from step {max(intact)}" if intact else "it starts again from step 0"
+        raise CheckpointError(f"the checkpoint of step {saved_step} could not be written to {self.directory} "
+                              f"({type(err).__name__}: {one_line(err)}); the run stopped at step {step}. "
+                              f"Fix the cause (disk space, permissions) and run the same command again: "
+                              f"{resume}") from err
+
     def restore(self, abstract_state, data_iterator, step=None):
-        """Restore (state, step) into the shardings of `abstract_state`; the iterator in place."""
-        step = self.manager.latest_step() if step is None else step
-        if step is None:
+        """Restore (state, step) into the shardings of `abstract_state`; the iterator in place. Without
+        `step`, the newest checkpoint that reads back: each newer one that does not is renamed
+        STEP.unreadable (kept for a look, out of the way of the next save) and named on stderr."""
+        if step is not None:
+            try:
+                return self._restore(abstract_state, data_iterator, step), step
+            except Exception as err:  # noqa: BLE001
+                raise CheckpointError(f"the checkpoint of step {step} in {self.directory} cannot be read "
+                                      f"({type(err).__name__}: {one_line(err)})") from err
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        for candidate in steps:
+            try:
+                state = self._restore(abstract_state, data_iterator, candidate)
+            except Exception as err:  # noqa: BLE001 -- a corrupt checkpoint fails in many ways
+                aside = os.path.join(self.directory, f"{candidate}.unreadable")
+                print(f"warning: skipping the checkpoint of step {candidate} in {self.directory}: it cannot be "
+                      f"read ({type(err).__name__}: {one_line(err)[:300]}); moved to {aside}",
+                      file=sys.stderr, flush=True)
+                if jax.process_index() == 0:
+                    os.replace(os.path.join(self.directory, str(candidate)), aside)
+                continue
+            if candidate != steps[0]:
+                self.manager.reload()
+            return state, candidate
+        raise CheckpointError(f"no checkpoint in {self.directory} can be read (steps {sorted(steps)} were "
+                              f"tried and moved to STEP.unreadable); remove the folder to start again")
+
+    def _restore(self, abstract_state, data_iterator, step):
         args = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is not None and "data" in self.manager.item_metadata(step):
             args["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**args))
-        return restored["state"], step
+        return self.manager.restore(step, args=ocp.args.Composite(**args))["state"]
 
     def wait(self):
-        self.manager.wait_until_finished()
+        """Wait for the last save; a failure raises CheckpointError."""
+        pending, self._pending = self._pending, None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as err:  # noqa: BLE001
+            self._fail(pending if pending is not None else -1, pending or 0, err)
 
     def close(self):
-        self.manager.close()
+        try:
+            self.manager.close()
+        except Exception:  # noqa: BLE001 -- a failed save reported already raises again here
+            if not self._failed:
+                raise
+
+
+class _DropOrbaxTracebacks(logging.Filter):
+    """Orbax logs a failed background save with its traceback, from its own thread; the trainer raises
+    that failure as one CheckpointError line, so the traceback is shown only with MMCMAE_DEBUG=1."""
+
+    def filter(self, record):
+        return not (record.exc_info and "orbax" in record.pathname and not debug_requested())
+
+
+def _quiet_orbax_tracebacks():
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _DropOrbaxTracebacks) for f in absl_logger.filters):
+        absl_logger.addFilter(_DropOrbaxTracebacks())
 
 
 def checkpoint_dir(workdir_or_checkpoints: str) -> str:

@@ -46,17 +46,24 @@ class MetricWriter:
     """
 
     def __init__(self, workdir: str, name: str, total_steps: int):
-        self.name, self.total_steps = name, total_steps
+        self.workdir, self.name, self.total_steps = workdir, name, total_steps
         self.enabled = jax.process_index() == 0
         self._last_time, self._last_step = None, None
-        if self.enabled:
-            from tensorboardX import SummaryWriter
-            os.makedirs(workdir, exist_ok=True)
-            self.tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        self.tensorboard = self.jsonl = None
 
     def start(self, step: int):
+        """Open the outputs for a run (re)starting at `step`: what an earlier, interrupted run logged
+        after that step is dropped first (it is logged again), so that each step is held once."""
         self._last_time, self._last_step = time.perf_counter(), step
+        if not self.enabled:
+            return
+        from tensorboardX import SummaryWriter
+        os.makedirs(self.workdir, exist_ok=True)
+        tensorboard_dir = os.path.join(self.workdir, "tensorboard")
+        forget_jsonl_after(os.path.join(self.workdir, "metrics.jsonl"), self.name, step)
+        forget_events_after(tensorboard_dir, step)
+        self.tensorboard = SummaryWriter(tensorboard_dir)
+        self.jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
     def write(self, step: int, metrics: dict, images_per_step: int) -> dict:
         """Log scalars for `step`; adds images/s and time left measured since the previous call."""
@@ -88,6 +95,63 @@ class MetricWriter:
             Image.fromarray(image).save(png_path)
 
     def close(self):
-        if self.enabled:
+        if self.tensorboard is not None:
             self.tensorboard.close()
             self.jsonl.close()
+
+
+def _replace_file(path: str, write) -> None:
+    """Rewrite `path` through a temporary file, so that a kill midway leaves the old one whole."""
+    temporary = path + ".rewrite"
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def forget_jsonl_after(path: str, name: str, step: int) -> None:
+    """Drop the lines of stage `name` after `step` from metrics.jsonl, and a line cut off by a kill."""
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # the last line of a run killed while writing it
+        if not (record.get("stage") == name and record.get("step", 0) > step):
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        def write(temporary):
+            with open(temporary, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+        _replace_file(path, write)
+
+
+def forget_events_after(directory: str, step: int) -> None:
+    """Drop the events after `step` from the TensorBoard event files in `directory` (each run writes a new
+    file; a resumed one would otherwise show the steps after its checkpoint twice)."""
+    if not os.path.isdir(directory):
+        return
+    from tensorboardX.proto.event_pb2 import Event
+    from mmcmae_jax.data.errors import RecordError
+    from mmcmae_jax.data.records import TFRecordWriter, read_tfrecord
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not name.startswith("events.out.tfevents.") or not os.path.isfile(path):
+            continue
+        records, torn = [], False
+        try:
+            for _, data in read_tfrecord(path):
+                records.append(data)
+        except RecordError:
+            torn = True  # a record cut off by a kill: the ones before it are kept
+        kept = [data for data in records if Event.FromString(data).step <= step]
+        if len(kept) == len(records) and not torn:
+            continue
+
+        def write(temporary, kept=kept):
+            with TFRecordWriter(temporary) as writer:
+                for data in kept:
+                    writer.write(data)
+        _replace_file(path, write)

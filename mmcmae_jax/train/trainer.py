@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mmcmae_jax.errors import NonFiniteError
 from mmcmae_jax.objectives import Objective
 from mmcmae_jax.train import sharding
 from mmcmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
@@ -25,10 +26,6 @@ from mmcmae_jax.train.metrics import MetricWriter
 from mmcmae_jax.train.optim import make_optimizer
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteError(FloatingPointError):
-    """A loss or gradient became NaN or infinite; the last good checkpoint is left as it was."""
 
 
 @dataclasses.dataclass
@@ -40,9 +37,14 @@ class TrainResult:
 
 
 def make_train_step(objective: Objective, optimizer, schedule, state_sharding, frozen_sharding, mesh):
-    """The jitted step (state, frozen, batch, seed) -> (state, metrics). The old state is donated."""
+    """(the jitted step (state, frozen, batch, seed, watch) -> (state, metrics, watch), initial_watch).
 
-    def train_step(state, frozen, batch, seed):
+    `watch` stays on the device: the first step whose metrics (loss, grad_norm, ...) are not all finite,
+    and those metrics. The host reads it only where it reads the metrics anyway (`check_finite`), so a bad
+    step is reported with its own number whatever log_every is, at no per-step synchronisation. The old
+    state and watch are donated."""
+
+    def step_and_metrics(state, frozen, batch, seed):
         rng = jax.random.fold_in(seed, state["step"])
         grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
         (loss, metrics), grads = grad_fn(state["params"], frozen, batch, rng)
@@ -53,20 +55,42 @@ def make_train_step(objective: Objective, optimizer, schedule, state_sharding, f
                        learning_rate=schedule(state["step"]))
         return new_state, metrics
 
+    def train_step(state, frozen, batch, seed, watch):
+        new_state, metrics = step_and_metrics(state, frozen, batch, seed)
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(metrics)]))
+        first = (watch["step"] < 0) & ~finite
+        watch = {"step": jnp.where(first, new_state["step"], watch["step"]),
+                 "metrics": jax.tree.map(lambda kept, new: jnp.where(first, new, kept), watch["metrics"], metrics)}
+        return new_state, metrics, watch
+
     replicated = sharding.replicated(mesh)
-    return jax.jit(train_step, donate_argnums=(0,),
-                   in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh), replicated),
-                   out_shardings=(state_sharding, replicated))
+
+    def initial_watch(state, frozen, batch, seed):
+        shapes = jax.eval_shape(step_and_metrics, state, frozen, batch, seed)[1]
+        return jax.jit(lambda: {"step": jnp.full((), -1, jnp.int32),
+                                "metrics": jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)},
+                       out_shardings=replicated)()
+
+    step = jax.jit(train_step, donate_argnums=(0, 4),
+                   in_shardings=(state_sharding, frozen_sharding, sharding.batch_sharding(mesh), replicated,
+                                 replicated),
+                   out_shardings=(state_sharding, replicated, replicated))
+    return step, initial_watch
 
 
-def check_finite(step: int, metrics: dict):
-    """Stop on a non-finite loss or gradient, naming the step and the terms that went bad."""
+def check_finite(step: int, watch: dict):
+    """Stop on the first non-finite loss or gradient the device recorded in `watch`, naming its step and
+    the terms that went bad; `step` is the current one."""
+    bad_step = int(jax.device_get(watch["step"]))
+    if bad_step < 0:
+        return
+    metrics = jax.device_get(watch["metrics"])
     bad = sorted(k for k, v in metrics.items() if not np.all(np.isfinite(np.asarray(v))))
-    if bad:
-        values = ", ".join(f"{k}={float(np.asarray(metrics[k])):g}" for k in bad)
-        raise NonFiniteError(f"non-finite values at step {step}: {values}. The update of that step was skipped "
-                             "and no checkpoint was written after it; lower the learning rate, check the "
-                             "input data, or resume from the last checkpoint.")
+    values = ", ".join(f"{k}={float(np.asarray(metrics[k])):g}" for k in bad)
+    later = f"; the run went on to step {step} without writing a checkpoint" if step > bad_step else ""
+    raise NonFiniteError(f"non-finite values at step {bad_step}: {values}. The update of that step was skipped"
+                         f"{later}, and no checkpoint was written after it; lower the learning rate, check the "
+                         "input data, or resume from the last checkpoint.")
 
 
 def make_train_iterator(config: ml_collections.ConfigDict, data_field: str = "config.data"):
@@ -149,34 +173,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
         pending_first = first_batch
     step = int(state["step"])
 
-    train_step = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
+    train_step, initial_watch = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
     seed = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
+    watch = initial_watch(state, frozen, sharding.global_batch({k: first_batch[k] for k in keys}, mesh), seed)
     writer = MetricWriter(workdir, name, config.total_steps)
     # One process: our SIGTERM handler. Several: JAX's preemption sync (via orbax's reached_preemption)
     # stops every process at the same step; a handler of ours would replace JAX's own.
     preemption = PreemptionFlag(install=jax.process_count() == 1)
-    history, last, lagged = [], {}, None
+    history, last = [], {}
     try:
         writer.start(step)
         while step < config.total_steps:
             local = pending_first if pending_first is not None else next(data_iterator)
             pending_first = None
             batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
-            state, metrics = train_step(state, frozen, batch, seed)
+            state, metrics, watch = train_step(state, frozen, batch, seed, watch)
             step += 1
-            if lagged is not None:  # the previous step's loss, read while this step runs
-                check_finite(*lagged)
-                lagged = None
+            checkpointer.check_saved(step)
             stop = preemption.raised or checkpointer.manager.reached_preemption(step)
             final = step == config.total_steps
             if step % config.log_every == 0 or final or stop or checkpointer.manager.should_save(step):
-                # Every step that logs or saves is checked before anything is written.
-                metrics = jax.device_get(metrics)
-                check_finite(step, metrics)
-                last = writer.write(step, metrics, global_batch)
+                # Every step that logs or saves first checks every step since the start for non-finite values.
+                check_finite(step, watch)
+                last = writer.write(step, jax.device_get(metrics), global_batch)
                 history.append(dict(step=step, **last))
-            else:
-                lagged = (step, {"loss": metrics["loss"]})
             if images_fn is not None and config.image_every and (step % config.image_every == 0 or final):
                 images_fn(step, state["params"], batch, writer)
             checkpointer.save(step, state, data_iterator, force=stop or final)

@@ -134,6 +134,37 @@ def test_study_workdir_refuses_runs_made_with_other_settings(tmp_path):
     assert study.settings("quick") == study.settings("full")  # a quick run grows into a full one
 
 
+def test_study_budget_is_set_by_m3s_steps_per_stage_and_losses_keep_their_diagnostics(tmp_path):
+    import pretraining_study as study
+    assert study.settings("quick")["stage1_steps"] == study.settings("quick")["stage2_steps"] == study.STAGE_STEPS
+    assert study.settings("full", 150)["stage1_steps"] == study.settings("full", 150)["stage2_steps"] == 150
+    logged = [{"step": 5, "loss": 9.0, "contrastive": 9.0},
+              {"step": 10, "loss": 3.2, "contrastive": 3.2, "contrastive_trivial": 7.6,
+               "contrastive_other_frame": 4.1, "grad_norm": 1.0, "learning_rate": 1e-4}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in logged))
+    # The last logged step; the loss terms with their trivial values and the other-frame diagnostic only.
+    assert study.final_losses(str(tmp_path)) == {"contrastive": 3.2, "contrastive_trivial": 7.6,
+                                                 "contrastive_other_frame": 4.1}
+
+
+def test_study_never_records_a_preempted_run_as_finished_nor_trains_one_run_twice(tmp_path, monkeypatch):
+    import pretraining_study as study
+    from mmcmae_jax import pretrain
+    from mmcmae_jax.train.trainer import TrainResult
+    s = study.settings("smoke")
+    monkeypatch.setattr(pretrain, "run_stage", lambda config, workdir, name: TrainResult(2, {}, [], preempted=True))
+    with pytest.raises(SystemExit, match=r"mae seed 0 stopped at step 2 of 3.*run the same command again"):
+        study.run_pretraining(s, {"mae": [(2, "mae", 3)]}, "mae", 0, str(tmp_path), "", print)
+    assert not (tmp_path / "seed0" / "pretrain" / "mae" / "done.json").exists()
+    run = str(tmp_path / "run")
+    with study.run_lock(run):  # a second process (here: a second open file) is refused while the first trains
+        with pytest.raises(SystemExit, match="being trained by another study process"):
+            with study.run_lock(run):
+                pass
+    with study.run_lock(run):  # released when the first one ends
+        pass
+
+
 def test_study_verdict_needs_three_spreads_and_respects_each_metrics_direction():
     import pretraining_study as study
     scratch = np.array([0.50, 0.52, 0.48])  # sample std 0.02

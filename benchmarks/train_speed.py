@@ -124,15 +124,17 @@ def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str, 
     frozen_sharding = sharding.state_shardings(jax.eval_shape(lambda: frozen), mesh)
     frozen = sharding.put_global(frozen, frozen_sharding)
     seed = jax.random.key(2)
-    train_step = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
+    train_step, initial_watch = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding,
+                                                mesh)
+    watch = initial_watch(state, frozen, data, seed)  # the trainer's on-device record of a non-finite step
     start = time.perf_counter()
-    compiled = train_step.lower(state, frozen, data, seed).compile()
+    compiled = train_step.lower(state, frozen, data, seed, watch).compile()
     print(f"  compiled stage {stage} {variant} at {image_size}px, batch {batch} in {time.perf_counter() - start:.0f} s",
           flush=True)
-    holder = {"state": state}
+    holder = {"state": state, "watch": watch}
 
     def run():
-        holder["state"], metrics = compiled(holder["state"], frozen, data, seed)
+        holder["state"], metrics, holder["watch"] = compiled(holder["state"], frozen, data, seed, holder["watch"])
         metrics["loss"].block_until_ready()
     if with_compiled:
         return run, compiled_flops(compiled), compiled

@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from mmcmae_jax.config import ConfigError
+from mmcmae_jax.config import ConfigError, validate
 from mmcmae_jax.models import matmul
 from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.transfer import objective as transfer_objective
@@ -110,4 +110,4 @@ def test_bad_matmul_precision_is_named():
     config = tiny_config(1)
     config.model.matmul_precision = "tf32"
     with pytest.raises(ConfigError, match=r"config\.model\.matmul_precision"):
-        make_objective(config)
+        validate(config)  # the commands check a config once, before building the objective

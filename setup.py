@@ -27,6 +27,7 @@ CORE = [
 setup(
     name="mmcmae_jax",
     version="0.1.0",
+    license="Apache-2.0",
     description="M3: multi-modal contrastive masked autoencoders for RGB-D pre-training, in JAX/Flax",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -15,6 +15,10 @@ DATA_FIELD="data.path"
 # The presets of configs/m3.py, configs/m3_stage1.py and configs/m3_stage2.py.
 KNOWN_PRESETS="vit_s16 vit_b16 vit_l16"
 
+# `--data procedural`: the config generates its own rooms (configs/demo.py, the procedural fine-tuning
+# configs), so no data path is passed to it.
+PROCEDURAL_DATA=procedural
+
 die() {
   printf '%s: error: %s\n' "$SCRIPT_NAME" "$*" >&2
   printf "Run '%s --help' for usage.\n" "$SCRIPT_NAME" >&2
@@ -155,6 +159,54 @@ check_plan() {
   for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}"; do check_override "$o"; done
 }
 
+# The data a run reads, as pairs OPTION VALUE in DATA_GIVEN: --data and every data-path override
+# (--config.data.path=, --config.eval_data.path=, --config.stage1.data.path=, ... also after "--").
+# Refuse a run without any: a config that needs records would fail only once the job runs, after
+# queueing or provisioning, and one that does not would quietly train on procedural rooms.
+# With `check_data here`, a local path must exist on this machine (gs:// and other URLs are left to
+# the trainer); tpu_pod.sh checks its workers' paths on the workers instead.
+check_data() {
+  DATA_GIVEN=()
+  [[ -z "$DATA" ]] || DATA_GIVEN+=(--data "$DATA")
+  local o
+  for o in "${OVERRIDES[@]+"${OVERRIDES[@]}"}" "${EXTRA_ARGS[@]+"${EXTRA_ARGS[@]}"}"; do
+    [[ ! "$o" =~ ^--config\.[A-Za-z0-9_.]*data\.path= ]] || DATA_GIVEN+=("${o%%=*}" "${o#*=}")
+  done
+  if [[ ${#DATA_GIVEN[@]} -eq 0 ]]; then
+    die "--data is required: the records to train on (a local path or gs://bucket/path), or" \
+      "'--data $PROCEDURAL_DATA' for a config that generates its rooms, like configs/demo.py"
+  fi
+  if [[ "$DATA" == "$PROCEDURAL_DATA" && -z "$CONFIG" ]]; then
+    die "--data $PROCEDURAL_DATA: the M3 stage configs (configs/m3*.py) train on records; give their location"
+  fi
+  [[ "${1-}" == here ]] || return 0
+  local i part parts
+  for ((i = 0; i < ${#DATA_GIVEN[@]}; i += 2)); do
+    [[ "${DATA_GIVEN[i]}" != --data || "${DATA_GIVEN[i + 1]}" != "$PROCEDURAL_DATA" ]] || continue
+    # A path may be a comma list of files, directories and globs (the records reader takes all three).
+    IFS=, read -r -a parts <<<"${DATA_GIVEN[i + 1]}"
+    for part in "${parts[@]+"${parts[@]}"}"; do
+      [[ -n "$part" && "$part" != *://* ]] || continue
+      compgen -G "$(absolute "$part")" >/dev/null \
+        || die "${DATA_GIVEN[i]}=${DATA_GIVEN[i + 1]}: nothing at $(absolute "$part") on this machine" \
+          "(a local path must exist before the run is started; gs:// paths are not checked)"
+    done
+  done
+}
+
+# A --data value with each local path of its comma list made absolute (the trainer runs from the
+# repository root, not from here); "procedural" and URLs stay as given.
+absolute_data() {
+  [[ "$1" != "$PROCEDURAL_DATA" ]] || { printf '%s' "$1"; return; }
+  local parts part out=""
+  IFS=, read -r -a parts <<<"$1"
+  for part in "${parts[@]+"${parts[@]}"}"; do
+    [[ "$part" == *://* ]] || part=$(absolute "$part")
+    out+="${out:+,}$part"
+  done
+  printf '%s' "$out"
+}
+
 # Take one run-plan option: `plan_option OPTION VALUE` sets its variable and succeeds, or fails when
 # OPTION is not a run-plan option. Options with no value are taken by the caller's parser.
 plan_option() {
@@ -177,6 +229,7 @@ CONFIG=""
 WORKDIR=""
 INIT_FROM=""
 DATA=""
+DATA_GIVEN=()  # set by check_data
 OVERRIDES=()   # --config.FIELD=VALUE, checked
 EXTRA_ARGS=()  # everything after "--", passed as given
 
@@ -189,7 +242,7 @@ plan_runs() {
   local root
   root=$(strip_slash "$WORKDIR")
   local overrides=()
-  [[ -z "$DATA" ]] || overrides+=("--config.$DATA_FIELD=$DATA")
+  [[ -z "$DATA" || "$DATA" == "$PROCEDURAL_DATA" ]] || overrides+=("--config.$DATA_FIELD=$DATA")
   overrides+=("${OVERRIDES[@]+"${OVERRIDES[@]}"}")
   if [[ -n "$CONFIG" || "$STAGE" != both ]]; then
     local config=$CONFIG dir=$root init=()
@@ -230,7 +283,10 @@ PLAN_USAGE="What to train (default: --stage both --preset vit_b16):
                           the entry point for --config: mmcmae_jax.pretrain (default) or
                           mmcmae_jax.finetune
   --init-from DIR         stage-1 work directory that stage 2 starts from
-  --data URI              data location, passed as --config.$DATA_FIELD=URI
+  --data URI              data location (required), passed as --config.$DATA_FIELD=URI: a
+                          path, checked to exist before anything starts, or gs://bucket/path;
+                          '$PROCEDURAL_DATA' for a config that generates its rooms (configs/demo.py).
+                          A --config.$DATA_FIELD=URI override counts as --data
   --config.FIELD=VALUE    any config override (repeatable), given to both stages with
                           --stage both (as --config.stage1.FIELD and --config.stage2.FIELD);
                           everything after \"--\" is passed as given"

@@ -34,7 +34,7 @@ Machine:
 Examples:
   launch/gpu_single.sh --workdir ~/runs/m3_b16 --data ~/data/scannet_rgbd
   launch/gpu_single.sh --workdir ~/runs/m3_s16 --preset vit_s16 --stage 2 --config.batch_size=64
-  launch/gpu_single.sh --workdir /tmp/demo --config configs/demo.py
+  launch/gpu_single.sh --workdir /tmp/demo --config configs/demo.py --data procedural
 EOF
 }
 
@@ -83,6 +83,8 @@ if [[ "$DRY_RUN" == 0 && "$STAGE" == 2 ]]; then
     die "--stage 2 starts from $stage1_dir, which does not exist: run --stage 1 first or pass --init-from DIR"
   fi
 fi
+check_data here
+[[ -z "$DATA" ]] || DATA=$(absolute_data "$DATA")
 
 plan_runs
 

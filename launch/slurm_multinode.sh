@@ -58,7 +58,7 @@ Examples:
   launch/slurm_multinode.sh --nodes 4 --gpus-per-node 8 --partition gpu --time 24:00:00 \\
       --venv ~/venvs/mmcmae --workdir /shared/runs/m3_l16 --preset vit_l16 --data /shared/data/scannet
   launch/slurm_multinode.sh --nodes 2 --gpus-per-node 4 --account proj --time 4:00:00 --chain 6 \\
-      --setup 'module load cuda/12.4' --workdir /shared/runs/m3_b16 --stage 2
+      --setup 'module load cuda/12.4' --workdir /shared/runs/m3_b16 --stage 2 --data /shared/data/scannet
 EOF
 }
 
@@ -158,6 +158,9 @@ if [[ -z "$LOG_DIR" ]]; then
 fi
 [[ "$LOG_DIR" != gs://* ]] || die "--log-dir '$LOG_DIR' must be a local path (SLURM writes the logs)"
 LOG_DIR=$(absolute "$LOG_DIR")
+# The login node sees the file system the nodes share, so a local data path is checked here.
+check_data here
+[[ -z "$DATA" ]] || DATA=$(absolute_data "$DATA")
 
 plan_runs
 

@@ -24,7 +24,8 @@ Commands:
               environment ~/$REMOTE_VENV, pip install "jax[tpu]" and the package
   copy-data   on every worker: copy --data gs://... to the local directory --to
   train       on every worker: start the training in the background (log ~/$REMOTE_LOG);
-              a run already going on a worker is an error
+              a run already going on a worker is an error, as is a local --data path that
+              a worker does not have
   logs        print the end of the training log of one worker (--worker, default 0)
   stop        on every worker: send SIGTERM to the run, so the trainer saves a checkpoint
   status      describe the TPU VM
@@ -176,7 +177,7 @@ case "$COMMAND" in
   train)
     check_plan
     check_location --workdir "$WORKDIR"
-    [[ -z "$DATA" ]] || check_location --data "$DATA"
+    [[ -z "$DATA" || "$DATA" == "$PROCEDURAL_DATA" ]] || check_location --data "$DATA"
     [[ -z "$INIT_FROM" ]] || check_location --init-from "$INIT_FROM"
     # The workers run the repository's copy of the config, so it must be a path inside it.
     [[ "${CONFIG%%:*}" != /* ]] \
@@ -191,6 +192,7 @@ case "$COMMAND" in
         ! multi_host || die "--workdir '$WORKDIR' is local, but $ACCELERATOR has several hosts: use gs://bucket/path"
       fi
     fi
+    check_data  # a local path is on the workers' disks: checked there, before the run starts
     ;;
 esac
 
@@ -198,6 +200,22 @@ esac
 
 LOCATION=(--zone "$ZONE")
 [[ -z "$PROJECT" ]] || LOCATION+=(--project "$PROJECT")
+
+# Shell lines that stop a worker whose disk lacks a local data path of the run (copy-data puts it
+# there), before anything starts on any worker's behalf. Run from the repository, as the trainer is.
+worker_data_check() {
+  local i part parts
+  for ((i = 0; i < ${#DATA_GIVEN[@]}; i += 2)); do
+    [[ "${DATA_GIVEN[i]}" != --data || "${DATA_GIVEN[i + 1]}" != "$PROCEDURAL_DATA" ]] || continue
+    IFS=, read -r -a parts <<<"${DATA_GIVEN[i + 1]}"
+    for part in "${parts[@]+"${parts[@]}"}"; do
+      [[ -n "$part" && "$part" != *://* ]] || continue
+      # shellcheck disable=SC2016 # $(hostname) is for the worker's shell to expand
+      printf 'compgen -G %s >/dev/null || { echo "worker $(hostname):" %s >&2; exit 2; }\n' "$(quote_word "$part")" \
+        "$(quote_word "${DATA_GIVEN[i]}=${DATA_GIVEN[i + 1]}: nothing at $part on this worker (tpu_pod.sh copy-data puts data there)")"
+    done
+  done
+}
 
 on_workers() { # WORKERS SCRIPT: run SCRIPT with bash on the given workers ("all" or a number)
   run gcloud compute tpus tpu-vm ssh "$NAME" "${LOCATION[@]}" "--worker=$1" "--command=$2"
@@ -261,6 +279,7 @@ if [ -f ~/$REMOTE_PID ] && kill -0 -- -\"\$(cat ~/$REMOTE_PID)\" 2>/dev/null; th
   exit 1
 fi
 cd ~/$REMOTE_REPO
+$(worker_data_check)
 . ~/$REMOTE_VENV/bin/activate
 $start"
     ;;

@@ -186,7 +186,22 @@ def training_config(stage: int) -> ml_collections.ConfigDict:
     config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # > 1 shards parameters and optimizer state
     config.init_from = ""             # stage 2: the stage-1 work directory (encoders and distillation teachers)
     config.init_from_mae = ""         # an ImageNet MAE checkpoint to start both encoders from
+    config.init_from_mae_drop_learned_pos_embed = False  # see validate_init_from_mae
     return config
+
+
+def validate_init_from_mae(config: ml_collections.ConfigDict):
+    """init_from_mae_drop_learned_pos_embed: a checkpoint with a learned position table (a supervised timm
+    ViT) cannot start a sin-cos encoder as it is: the table would be thrown away. That is refused unless
+    this field is True, which drops the table on purpose; model.pos_embed="learned" keeps it instead."""
+    drop = config.init_from_mae_drop_learned_pos_embed
+    field = "init_from_mae_drop_learned_pos_embed"
+    _check(isinstance(drop, bool), field, f"must be True or False, got {drop!r}")
+    if drop:
+        _check(bool(config.init_from_mae), field, "drops the position table of the init_from_mae checkpoint, "
+               "but init_from_mae is empty")
+        _check(config.model.pos_embed == "sincos", field, "drops the checkpoint's table for the encoder's "
+               "sin-cos one, but model.pos_embed='learned' keeps the table: set one of the two")
 
 
 def validate_training(config: ml_collections.ConfigDict):
@@ -196,6 +211,7 @@ def validate_training(config: ml_collections.ConfigDict):
         _check(int(config[field]) == config[field] and config[field] > 0, field, f"must be a positive integer, got {config[field]!r}")
     _check(config.image_every >= 0, "image_every", f"must be >= 0, got {config.image_every}")
     _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
+    validate_init_from_mae(config)
     from mmcmae_jax.train.optim import make_optimizer
     try:
         make_optimizer(config.optim, config.total_steps, config.batch_size)

@@ -40,6 +40,7 @@ def tree(tmp_path_factory) -> Path:
     (root / "configs").mkdir()
     for name in ("m3.py", "m3_stage1.py", "m3_stage2.py", "demo.py"):
         (root / "configs" / name).write_text("def get_config(arg=None):\n    pass\n")
+    (root / "data" / "scannet").mkdir(parents=True)  # local records a run may name (relative: data/scannet)
     (root / "bin").mkdir()
     for tool in TOOLS:
         _stub(root / "bin" / tool, f'echo "{tool} must not run in these tests" >&2\nexit 99\n')
@@ -115,7 +116,7 @@ def test_shellcheck_clean(tree, tmp_path):
     # The sbatch script slurm_multinode.sh writes must be clean too.
     job = tmp_path / "job.sbatch"
     job.write_text(_sbatch_script(ok(tree, "slurm_multinode.sh", *SLURM_ARGS, "--cpus-per-gpu", "8",
-                                     "--setup", "module load cuda", "--venv", "/opt/venv")))
+                                     "--setup", "module load cuda", "--venv", "/opt/venv", "--data", "gs://b/d")))
     res = subprocess.run([exe, str(job)], capture_output=True, text=True)
     assert res.returncode == 0, res.stdout + res.stderr
 
@@ -139,10 +140,61 @@ def test_run_plan_validation(tree, script, args):
     fails(tree, script, *args, "--workdir", "--dry-run", names="--workdir")
 
 
+# --- --data: checked before anything is submitted or provisioned -------------------------------
+
+PLANS = {
+    "gpu_single.sh": ["--workdir", "/w"],
+    "slurm_multinode.sh": ["--nodes", "2", "--gpus-per-node", "4", "--workdir", "/w"],
+    "tpu_pod.sh": ["train", "--name", "m3", "--zone", "us-central2-b", "--workdir", "gs://b/w"],
+}
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_run_without_data_is_refused(tree, script, dry_run):
+    args = [*PLANS[script], *(["--dry-run"] if dry_run else [])]
+    err = fails(tree, script, *args, names="--data is required")
+    assert "'--data procedural'" in err
+    # The M3 stage configs read records; the procedural rooms are for configs that generate them.
+    fails(tree, script, *args, "--data", "procedural", names="--data procedural: the M3 stage configs")
+    # A data path given as an override counts.
+    out = ok(tree, script, *PLANS[script], "--config", "configs/demo.py", "--config.data.path=gs://b/d", "--dry-run")
+    assert "--config.data.path=gs://b/d" in out
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "real"])
+@pytest.mark.parametrize("script", ["gpu_single.sh", "slurm_multinode.sh"])
+def test_a_local_data_path_that_does_not_exist_is_refused(tree, script, dry_run, tmp_path):
+    args = [*PLANS[script], *(["--dry-run"] if dry_run else [])]
+    missing = str(tmp_path / "no_records")
+    fails(tree, script, *args, "--data", missing, names=f"--data={missing}: nothing at {missing}")
+    fails(tree, script, *args, "--data", f"gs://b/d,{missing}", names=f"nothing at {missing}")  # each of a list
+    fails(tree, script, *args, "--data", "data/none-*.array_record", names=f"nothing at {tree}/data/none-*")
+    fails(tree, script, *args, "--config", "configs/demo.py", "--data", "procedural",
+          f"--config.eval_data.path={missing}", names=f"--config.eval_data.path={missing}")
+    # gs:// is not checked; a local path relative to here is passed absolute (the run starts elsewhere).
+    out = ok(tree, script, *PLANS[script], "--data", "gs://b/d,data/scannet", "--dry-run")
+    assert f"data.path=gs://b/d,{tree}/data/scannet" in out
+
+
+def test_tpu_train_stops_on_a_worker_without_the_data(tree, tmp_path):
+    """A local --data is on the workers' disks: each worker checks it before the run starts."""
+    env, home, log = _fake_worker(tree, tmp_path, trainer='echo "$*" >>"$FAKE_LOG"\n')
+    missing, records = str(tmp_path / "no_records"), tmp_path / "records"
+    args = ["--name", "m3", "--zone", "us-central2-b", "--workdir", "gs://b/w", "--foreground"]
+    res = run(tree, "tpu_pod.sh", "train", *args, "--data", missing, env=env)
+    assert res.returncode == 2 and f"--data={missing}: nothing at {missing} on this worker" in res.stderr
+    assert not log.exists()  # nothing started
+    records.mkdir()
+    res = run(tree, "tpu_pod.sh", "train", *args, "--data", str(records), env=env)
+    assert res.returncode == 0, res.stderr
+    assert f"--config.stage1.data.path={records}" in log.read_text()
+
+
 # --- gpu_single.sh -----------------------------------------------------------------------------
 
 def test_gpu_single_both_stages(tree):
-    out = ok(tree, "gpu_single.sh", "--workdir", "/runs/m3", "--data", "/data/scannet", "--preset", "vit_s16",
+    out = ok(tree, "gpu_single.sh", "--workdir", "/runs/m3", "--data", "data/scannet", "--preset", "vit_s16",
              "--config.batch_size=64", "--dry-run")
     assert "nvidia-smi" in out  # says what it would check
     cmds = commands(out)
@@ -153,7 +205,7 @@ def test_gpu_single_both_stages(tree):
     # goes to both stages.
     assert runs == [
         "python -m mmcmae_jax.pretrain --config configs/m3.py:vit_s16 --workdir /runs/m3"
-        " --config.stage1.data.path=/data/scannet --config.stage2.data.path=/data/scannet"
+        f" --config.stage1.data.path={tree}/data/scannet --config.stage2.data.path={tree}/data/scannet"
         " --config.stage1.batch_size=64 --config.stage2.batch_size=64",
     ]
 
@@ -161,14 +213,17 @@ def test_gpu_single_both_stages(tree):
 def test_both_stages_pass_stage_overrides_and_init_from_to_their_stage(tree):
     cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/runs/m3", "--init-from", "/runs/other/stage1",
                        "--config.stage2.total_steps=10", "--skip-checks", "--dry-run",
-                       "--", "--config.stage1.seed=3"))
+                       "--", "--config.stage1.seed=3", "--config.stage1.data.path=gs://b/d1",
+                       "--config.stage2.data.path=gs://b/d2"))
     (train,) = [c for c in cmds if "-m mmcmae_jax." in c]
     assert train == ("python -m mmcmae_jax.pretrain --config configs/m3.py:vit_b16 --workdir /runs/m3"
                      " --config.stage2.init_from=/runs/other/stage1 --config.stage2.total_steps=10"
-                     " --config.stage1.seed=3")
-    cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/runs/m3", "--stage", "1", "--skip-checks", "--dry-run"))
+                     " --config.stage1.seed=3 --config.stage1.data.path=gs://b/d1 --config.stage2.data.path=gs://b/d2")
+    cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/runs/m3", "--stage", "1", "--data", "gs://b/d",
+                       "--skip-checks", "--dry-run"))
     (train,) = [c for c in cmds if "-m mmcmae_jax." in c]
-    assert train == "python -m mmcmae_jax.pretrain --config configs/m3_stage1.py:vit_b16 --workdir /runs/m3/stage1"
+    assert train == ("python -m mmcmae_jax.pretrain --config configs/m3_stage1.py:vit_b16 --workdir /runs/m3/stage1"
+                     " --config.data.path=gs://b/d")
     (tree / "configs" / "m3.py").rename(tree / "configs" / "m3_away.py")
     try:
         fails(tree, "gpu_single.sh", "--workdir", "/w", "--dry-run", names="configs/m3.py")
@@ -178,6 +233,7 @@ def test_both_stages_pass_stage_overrides_and_init_from_to_their_stage(tree):
 
 def test_gpu_single_options(tree):
     out = ok(tree, "gpu_single.sh", "--workdir=runs/x/", "--stage", "2", "--init-from", "gs://b/s1", "--gpu", "3",
+             "--data", "gs://b/d",
              "--mem-fraction", "0.8", "--python", "/opt/py/bin/python", "--skip-checks", "--dry-run",
              "--", "--config.note=it's here")
     assert "nvidia-smi" not in out
@@ -191,10 +247,11 @@ def test_gpu_single_options(tree):
 
 
 def test_gpu_single_one_config(tree):
-    cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/w", "--config", "configs/demo.py", "--dry-run"))
+    cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/w", "--config", "configs/demo.py", "--data", "procedural",
+                       "--dry-run"))
     assert "python -m mmcmae_jax.pretrain --config configs/demo.py --workdir /w" in cmds
     cmds = commands(ok(tree, "gpu_single.sh", "--workdir", "/w", "--module", "finetune",
-                       "--config", "configs/demo.py:small", "--dry-run"))
+                       "--config", "configs/demo.py:small", "--data", "procedural", "--dry-run"))
     assert "python -m mmcmae_jax.finetune --config configs/demo.py:small --workdir /w" in cmds
 
 
@@ -216,7 +273,7 @@ def test_gpu_single_stage2_needs_stage1(tree, tmp_path):
 
 def test_gpu_single_checks_the_gpu(tree, tmp_path):
     # Without --dry-run it first asks nvidia-smi (here a stub that fails) and stops there.
-    res = run(tree, "gpu_single.sh", "--workdir", str(tmp_path), "--config", "configs/demo.py")
+    res = run(tree, "gpu_single.sh", "--workdir", str(tmp_path), "--config", "configs/demo.py", "--data", "procedural")
     assert res.returncode != 0 and "nvidia-smi failed" in res.stderr and "--skip-checks" in res.stderr
 
 
@@ -242,7 +299,7 @@ def test_gpu_single_sigterm_saves_and_stops(tree, tmp_path):
     trainer, log = tmp_path / "python", tmp_path / "trainer.log"
     _stub(trainer, FAKE_TRAINER)
     proc = subprocess.Popen([str(tree / "launch" / "gpu_single.sh"), "--workdir", str(tmp_path / "w"),
-                             "--python", str(trainer), "--skip-checks"],
+                             "--data", "gs://b/d", "--python", str(trainer), "--skip-checks"],
                             cwd=tree, env=_env(tree, FAKE_LOG=str(log)), stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(log, "configs/m3.py")
@@ -291,7 +348,7 @@ def test_tpu_train(tree):
             " --config.stage1.data.path=gs://bkt/data --config.stage2.data.path=gs://bkt/data"
             " --config.stage1.batch_size=4096 --config.stage2.batch_size=4096") in cmd
     (cmd,) = commands(ok(tree, "tpu_pod.sh", "train", *TPU, "--workdir", "gs://b/demo", "--config", "configs/demo.py",
-                         "--foreground", "--dry-run"))
+                         "--data", "procedural", "--foreground", "--dry-run"))
     assert "nohup" not in cmd and "python -m mmcmae_jax.pretrain --config configs/demo.py --workdir gs://b/demo" in cmd
 
 
@@ -332,25 +389,31 @@ def test_tpu_bad_arguments(tree, args, names):
 
 
 def test_tpu_local_workdir_single_host(tree):
-    res = run(tree, "tpu_pod.sh", "train", *TPU, "--workdir", "/home/me/runs", "--dry-run")
+    res = run(tree, "tpu_pod.sh", "train", *TPU, "--workdir", "/home/me/runs", "--data", "gs://b/d", "--dry-run")
     assert res.returncode == 0 and "single-host" in res.stderr  # warns: the slice size is unknown
     ok(tree, "tpu_pod.sh", "train", *TPU, "--workdir", "/home/me/runs", "--accelerator-type", "v5litepod-8",
-       "--dry-run")
+       "--data", "gs://b/d", "--dry-run")
+
+
+def _fake_worker(tree: Path, tmp_path: Path, trainer: str = FAKE_TRAINER):
+    """(environment, HOME, trainer log): a gcloud that runs --command here, HOME standing in for a
+    worker with the checkout and the virtual environment install makes, whose python is `trainer`."""
+    home, fake_bin, log = tmp_path / "home", tmp_path / "bin", tmp_path / "trainer.log"
+    (home / "mmcmae_jax").mkdir(parents=True)
+    (home / "mmcmae_venv" / "bin").mkdir(parents=True)
+    (home / "mmcmae_venv" / "bin" / "activate").write_text(f'PATH="{home}/mmcmae_venv/bin:$PATH"\n')
+    _stub(home / "mmcmae_venv" / "bin" / "python", trainer)
+    fake_bin.mkdir()
+    _stub(fake_bin / "gcloud", 'for a in "$@"; do case "$a" in --command=*) exec bash -c "${a#--command=}";; esac; done\n'
+                               'exit 98\n')
+    return _env(tree, fake_bin, HOME=str(home), FAKE_LOG=str(log)), home, log
 
 
 @pytest.mark.skipif(shutil.which("setsid") is None, reason="needs setsid (util-linux)")
 def test_tpu_train_then_stop(tree, tmp_path):
     """train and stop, with a gcloud that runs --command here and HOME standing in for a worker."""
-    home, fake_bin, log = tmp_path / "home", tmp_path / "bin", tmp_path / "trainer.log"
-    (home / "mmcmae_jax").mkdir(parents=True)
-    (home / "mmcmae_venv" / "bin").mkdir(parents=True)
-    (home / "mmcmae_venv" / "bin" / "activate").write_text(f'PATH="{home}/mmcmae_venv/bin:$PATH"\n')
-    _stub(home / "mmcmae_venv" / "bin" / "python", FAKE_TRAINER)
-    fake_bin.mkdir()
-    _stub(fake_bin / "gcloud", 'for a in "$@"; do case "$a" in --command=*) exec bash -c "${a#--command=}";; esac; done\n'
-                               'exit 98\n')
-    env = _env(tree, fake_bin, HOME=str(home), FAKE_LOG=str(log))
-    args = ["--name", "m3", "--zone", "us-central2-b", "--workdir", "gs://b/w"]
+    env, home, log = _fake_worker(tree, tmp_path)
+    args = ["--name", "m3", "--zone", "us-central2-b", "--workdir", "gs://b/w", "--data", "gs://b/d"]
     res = run(tree, "tpu_pod.sh", "train", *args, env=env)
     assert res.returncode == 0, res.stderr
     try:
@@ -385,7 +448,7 @@ def test_slurm_dry_run(tree):
     out = ok(tree, "slurm_multinode.sh", *SLURM_ARGS, "--partition", "gpu", "--account", "proj", "--qos", "high",
              "--time", "1-12:00:00", "--cpus-per-gpu", "12", "--mem", "480G", "--exclusive",
              "--sbatch-arg=--constraint=a100", "--venv", "/opt/venvs/mmcmae", "--setup", "module load cuda/12.4",
-             "--coordinator-port", "23456", "--data", "/shared/data", "--preset", "vit_l16",
+             "--coordinator-port", "23456", "--data", "gs://b/shared_data", "--preset", "vit_l16",
              "--config.batch_size=2048")
     script = _sbatch_script(out)
     for line in ["#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
@@ -400,7 +463,7 @@ def test_slurm_dry_run(tree):
     steps = [line for line in script.splitlines() if line.startswith("run_step ")]
     assert steps == [
         "run_step python -u -m mmcmae_jax.pretrain --config configs/m3.py:vit_l16 --workdir /shared/runs/m3 "
-        "--config.stage1.data.path=/shared/data --config.stage2.data.path=/shared/data "
+        "--config.stage1.data.path=gs://b/shared_data --config.stage2.data.path=gs://b/shared_data "
         "--config.stage1.batch_size=2048 --config.stage2.batch_size=2048",
     ]
     assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
@@ -412,7 +475,8 @@ def test_slurm_dry_run(tree):
 
 def test_slurm_chain_and_defaults(tree):
     out = ok(tree, "slurm_multinode.sh", "--nodes", "1", "--gpus-per-node", "2", "--workdir", "gs://b/w",
-             "--config", "configs/demo.py", "--chain", "3", "--grace", "300", "--job-name", "demo", "--dry-run")
+             "--config", "configs/demo.py", "--data", "procedural", "--chain", "3", "--grace", "300", "--job-name", "demo",
+             "--dry-run")
     script = _sbatch_script(out)
     assert "#SBATCH --partition" not in script and "#SBATCH --time" not in script
     assert "#SBATCH --signal=B:TERM@300" in script and "#SBATCH --job-name=demo" in script
@@ -450,7 +514,7 @@ def test_slurm_job_sigterm_saves_and_stops(tree, tmp_path):
     _stub(fake_bin / "scancel", "exit 1\n")  # not reachable here: the script falls back to signalling srun
     _stub(fake_bin / "python", FAKE_TRAINER)
     job.write_text(_sbatch_script(ok(tree, "slurm_multinode.sh", "--nodes", "1", "--gpus-per-node", "1",
-                                     "--workdir", str(tmp_path / "w"), "--dry-run")))
+                                     "--workdir", str(tmp_path / "w"), "--data", "gs://b/d", "--dry-run")))
     env = _env(tree, fake_bin, FAKE_LOG=str(log), SLURM_JOB_ID="42", SLURM_NTASKS_PER_NODE="1")
     proc = subprocess.Popen(["bash", str(job)], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:

@@ -11,8 +11,10 @@ directory per stage: name one, e.g. W/stage2.
 
 --variant and --image-size default to `model.variant` and `model.image_size` of the run's `config.json`
 (written by pre-training and fine-tuning into the work directory) when --checkpoint is a work directory
-or lies in its `checkpoints/`; a flag given wins. Without either, the weights give the size (named ViT
-widths only) and the image size is 224.
+or lies in its `checkpoints/`; a flag given wins, and one that differs from config.json is named in a
+notice. Without either, the weights give the size (named ViT widths only) and the image size is 224.
+Each file's metadata records the variant and image size with where each came from, the checkpoint and
+its step, and the task and head of a fine-tuning run; the line that names the file gives the step.
 
 An encoder export loads with `strict=True` into timm's `VisionTransformer`; the command prints the
 constructor to use. --modality all writes OUT with `-rgb` and `-depth` before the suffix. --full-model
@@ -33,15 +35,19 @@ from mmcmae_jax.models.vit import parse_variant
 from mmcmae_jax.port.timm_layout import (ImageSize, encoder_image_size, encoder_spec, flax_encoder_to_timm, image_hw,
                                          timm_constructor, tree_to_state_dict)
 from mmcmae_jax.run.mismatch import check_single_stage, variant_mismatch
-from mmcmae_jax.run.workdir import config_path, load_params, read_config, run_workdir, stage_workdirs
+from mmcmae_jax.run.workdir import (checkpoint_location, config_path, load_params, read_config, run_workdir,
+                                    stage_workdirs)
 
 
 class ModelSettings(NamedTuple):
-    """--variant and --image-size as the export uses them, each with where it came from."""
+    """--variant and --image-size as the export uses them, each with where it came from, and the flags
+    that overrule a different value of the run's config.json (one phrase each)."""
     variant: Optional[str]
     variant_source: str
     image_size: Optional[ImageSize]
     image_size_source: str
+    overruled: tuple = ()
+    config_json: Optional[str] = None
 
 
 def recorded_model(path: str, config: dict) -> tuple:
@@ -69,16 +75,19 @@ def recorded_model(path: str, config: dict) -> tuple:
 def model_settings(checkpoint: str, variant: Optional[str] = None,
                    image_size: Optional[ImageSize] = None) -> ModelSettings:
     """--variant and --image-size for `checkpoint`: each from its flag, else from the run's config.json,
-    else None (the weights' named size; 224 px)."""
+    else None (the weights' named size; 224 px). A flag that differs from config.json is listed in
+    `overruled`."""
     check_single_stage(checkpoint, stage_workdirs(checkpoint))
-    from_config, config_file = (None, None), None
-    if run_workdir(checkpoint) is not None and (variant is None or image_size is None):
+    from_config, config_file, recorded = (None, None), None, None
+    if run_workdir(checkpoint) is not None:
         config_file = config_path(checkpoint)
         try:
             recorded = read_config(checkpoint)
         except ValueError as err:
-            raise ValueError(f"{err}; pass --variant and --image-size instead") from None
-        if recorded is not None:
+            if variant is None or image_size is None:
+                raise ValueError(f"{err}; pass --variant and --image-size instead") from None
+            # Both flags given: the record is not needed, so an unreadable one is not in the way.
+        if recorded is not None and (variant is None or image_size is None):
             from_config = recorded_model(config_file, recorded)
 
     def pick(flag_value, flag, config_value, field):
@@ -88,9 +97,48 @@ def model_settings(checkpoint: str, variant: Optional[str] = None,
             return config_value, f"{field} in {config_file}"
         return None, f"no {flag}, no run config.json"
 
+    overruled = []
+    model = recorded.get("model") if isinstance(recorded, dict) else None
+    if isinstance(model, dict):
+        if variant is not None and model.get("variant") not in (None, variant):
+            overruled.append(f"--variant {variant} (the run's model.variant: {model['variant']})")
+        size = model.get("image_size")
+        if image_size is not None and size is not None and _sides(size) != _sides(image_size):
+            overruled.append(f"--image-size {_size_text(image_size)} (the run's model.image_size: {_size_text(size)})")
     variant, variant_source = pick(variant, "--variant", from_config[0], "model.variant")
     image_size, size_source = pick(image_size, "--image-size", from_config[1], "model.image_size")
-    return ModelSettings(variant, variant_source, image_size, size_source)
+    return ModelSettings(variant, variant_source, image_size, size_source, tuple(overruled), config_file)
+
+
+def _sides(size) -> tuple:
+    """(H, W) of an image size as a flag or config.json gives it (N, (H, W) or [H, W])."""
+    try:
+        return tuple(image_hw(tuple(size) if isinstance(size, list) else size))
+    except (TypeError, ValueError):
+        return (size,)
+
+
+def _size_text(size) -> str:
+    sides = _sides(size)
+    return str(sides[0]) if len(set(sides)) == 1 else "x".join(map(str, sides))
+
+
+def run_metadata(checkpoint: str, step: Optional[int]) -> dict:
+    """Metadata of every exported file: the checkpoint read, its step, and the task and head of the run
+    that wrote it when its config.json says (a fine-tuning run)."""
+    where, found_step = checkpoint_location(checkpoint, step)
+    metadata = {"checkpoint": where, "step": "" if found_step is None else str(found_step)}
+    if run_workdir(checkpoint) is not None:
+        try:
+            recorded = read_config(checkpoint) or {}
+        except ValueError:  # already said by model_settings where it matters
+            recorded = {}
+        if isinstance(recorded.get("task"), str):
+            metadata["task"] = recorded["task"]
+        head = recorded.get("head")
+        if isinstance(head, dict) and isinstance(head.get("kind"), str):
+            metadata["head"] = head["kind"]
+    return metadata
 
 
 def encoder_params(params: Mapping, modality: str) -> dict:
@@ -123,11 +171,13 @@ def export(checkpoint: str, out: str, *, modality: str = "rgb", full_model: bool
     default to the run's config.json (see `model_settings`)."""
     if full_model:  # every parameter under its own name: neither the size nor the image size matters
         check_single_stage(checkpoint, stage_workdirs(checkpoint))
+        metadata = run_metadata(checkpoint, step)
         state_dict = tree_to_state_dict(load_params(checkpoint, step)[0])
-        save_state_dict(state_dict, out, {"format": "pt", "layout": "mmcmae_jax full model, dotted names"})
+        save_state_dict(state_dict, out, {"format": "pt", "layout": "mmcmae_jax full model, dotted names", **metadata})
         return [(out, None)]
     settings = model_settings(checkpoint, variant, image_size)
     variant, image_size = settings.variant, settings.image_size
+    metadata = run_metadata(checkpoint, step)
     params, _ = load_params(checkpoint, step)
     modalities = ("rgb", "depth") if modality == "all" else (modality,)
     written = []
@@ -145,7 +195,11 @@ def export(checkpoint: str, out: str, *, modality: str = "rgb", full_model: bool
         size = encoder_image_size(enc, image_size)
         state_dict = flax_encoder_to_timm(enc, image_size=size)
         path = _out_path(out, m, len(modalities) > 1)
-        save_state_dict(state_dict, path, {"format": "pt", "modality": m})
+        save_state_dict(state_dict, path, {
+            "format": "pt", "modality": m, **metadata,
+            "variant": variant or f"{spec.width}x{spec.depth}x{spec.num_heads}/{spec.patch_size}",
+            "variant_from": settings.variant_source if variant else "the weights",
+            "image_size": _size_text(size), "image_size_from": settings.image_size_source})
         written.append((path, timm_constructor(spec, size, class_token="cls_token" in enc)))
     return written
 
@@ -161,6 +215,8 @@ def _image_size(text: str):
 
 def _print_settings(settings: ModelSettings) -> None:
     # Printed before the export: a size that the checkpoint refuses is then read knowing where it came from.
+    if settings.overruled:
+        print(f"notice: the command line overrules {settings.config_json}: {', '.join(settings.overruled)}")
     if settings.variant is None:
         print(f"variant: the named ViT size of the weights' width ({settings.variant_source})")
     else:
@@ -201,8 +257,9 @@ def _export_and_print(args) -> int:
         if isinstance(err, ConfigError):
             raise
         raise ConfigError(f"export of --checkpoint={args.checkpoint}: {one_line(err)}") from None
+    where, step = checkpoint_location(args.checkpoint, args.step)
     for path, constructor in written:
-        print(f"wrote {path}")
+        print(f"wrote {path} ({'' if step is None else f'step {step} of '}{where})")
         if constructor:
             print("load it with:\n"
                   "    import timm, torch\n"

@@ -12,8 +12,9 @@ Anything else the encoder does not have is an error, as is anything it needs and
 Position embedding:
 - into a sin-cos encoder (our default): the encoder computes its table from the grid, so the
   checkpoint's table is not loaded; it is checked to be MAE's fixed sin-cos table (it is, for MAE
-  pre-training checkpoints), because a learned table would be silently thrown away otherwise. Pass
-  `check_sincos=False` to drop a learned table on purpose.
+  pre-training checkpoints), because a learned table would be silently thrown away otherwise
+  (LearnedPositionTableError). Pass `check_sincos=False` to drop a learned table on purpose; the
+  commands' config field for it is `init_from_mae_drop_learned_pos_embed`.
 - into a learned-table encoder: copied, and resampled (bicubic over the patch grid, the cls slot kept)
   when the checkpoint's grid differs from the encoder's.
 
@@ -41,6 +42,17 @@ StateDictSource = Union[str, os.PathLike, Mapping]
 _DROPPED_PREFIXES = ("decoder_", "decoder.", "mask_token", "head.", "fc_norm.")
 # MAE's table is float32 of a float64 computation, like ours; a learned table differs by far more.
 _SINCOS_TOLERANCE = 1e-4
+
+
+class LearnedPositionTableError(ValueError):
+    """The checkpoint's position table was learned (a supervised timm ViT, or a fine-tuned one): a
+    sin-cos encoder started from it would throw it away. `finding` says what was found, without the
+    advice, which each caller words for its own settings (the commands name their config fields)."""
+
+    def __init__(self, finding: str):
+        self.finding = finding
+        super().__init__(f"{finding}. Build the encoder with pos_embed='learned' to keep it, or pass "
+                         "check_sincos=False to drop it.")
 
 
 def _to_numpy(value) -> np.ndarray:
@@ -169,10 +181,17 @@ def _check_sincos_table(table: np.ndarray, width: int, has_cls: bool) -> None:
     diff = float(np.max(np.abs(table[0, prefix:] - expected)))
     cls_slot = float(np.max(np.abs(table[0, :prefix]))) if prefix else 0.0
     if diff > _SINCOS_TOLERANCE or cls_slot > _SINCOS_TOLERANCE:
-        raise ValueError(
+        raise LearnedPositionTableError(
             f"the checkpoint's pos_embed is not MAE's fixed sin-cos table (max difference {diff:.3g}, cls "
-            f"slot {cls_slot:.3g}): it was learned, and the sin-cos encoder would throw it away. Build the "
-            "encoder with pos_embed='learned' to keep it, or pass check_sincos=False to drop it.")
+            f"slot {cls_slot:.3g}): it was learned, and the sin-cos encoder would throw it away")
+
+
+def check_position_table(state_dict: Mapping, width: int) -> None:
+    """Raise LearnedPositionTableError when the state_dict's `pos_embed` is not the fixed sin-cos table
+    of a `width`-wide encoder: what starting a sin-cos encoder from it checks, here before any model is
+    built. A state_dict without a table passes."""
+    if "pos_embed" in state_dict:
+        _check_sincos_table(state_dict["pos_embed"], width, has_cls=True)
 
 
 def init_encoders_from_mae(params: Mapping, source: StateDictSource, *,
@@ -191,5 +210,8 @@ def init_encoders_from_mae(params: Mapping, source: StateDictSource, *,
             out[f"{m}_encoder"] = load_mae_into_encoder(None, params[f"{m}_encoder"], image_size=image_size,
                                                         check_sincos=check_sincos, state_dict=sd)
         except ValueError as err:
-            raise ValueError(f"{m}_encoder from {source if not isinstance(source, Mapping) else 'state_dict'}: {err}") from None
+            where = f"{m}_encoder from {source if not isinstance(source, Mapping) else 'state_dict'}"
+            if isinstance(err, LearnedPositionTableError):  # keeps its type: callers add their own advice
+                raise LearnedPositionTableError(f"{where}: {err.finding}") from None
+            raise ValueError(f"{where}: {err}") from None
     return out

@@ -4,4 +4,5 @@
   workdir   the work directory: its config.json, its checkpoints, their parameters, evaluation results
   start     where a run's parameters start: an earlier run's work directory or ImageNet MAE weights
   mismatch  why a checkpoint does not fit a config, in words, with the overrides that make it fit
+  resolve   a run's task, model and head from its config.json, flags given winning, for evaluation
 """

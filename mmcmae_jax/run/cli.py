@@ -97,6 +97,12 @@ def loaded_config():
                           f"{lines[-1] if lines else err}") from None
 
 
+def config_overrides() -> dict:
+    """The config fields set on the command line (--config.FIELD=VALUE), dotted, with their values: a
+    command that takes fields from a run's config.json lets these win."""
+    return dict(config_flags.get_override_values(flags.FLAGS["config"]))
+
+
 def initialize_distributed():
     """jax.distributed.initialize, with the coordinator from flags/environment or auto-detected."""
     import jax

@@ -85,7 +85,7 @@ def _encoder_mismatch(config, found, recorded: dict, detail: str) -> str:
 
 # --- evaluation: a fine-tuning config against the one its work directory recorded -----------------------
 
-def _shape_fields(task: str, pos_embed) -> tuple:
+def shape_fields(task: str, pos_embed) -> tuple:
     """The config fields, besides the task, that decide a fine-tuned model's parameter shapes: the
     encoder, the head, the classes of segmentation, the image size with learned positions only."""
     fields = ("model.variant", "model.pos_embed", "model.use_cls_token", "head.kind", "head.features",
@@ -122,7 +122,7 @@ def check_recorded_config(config, recorded: dict | None, workdir: str) -> None:
         raise ConfigError(f"{workdir!r} was fine-tuned for {task} (task={task!r} in its config.json) but "
                           f"the config is for {config.task} (config.task={config.task!r}): evaluate it with "
                           f"the config it was fine-tuned with")
-    fields = _shape_fields(config.task, recorded_field(recorded, "model.pos_embed"))
+    fields = shape_fields(config.task, recorded_field(recorded, "model.pos_embed"))
     differ = [f for f in fields if recorded_field(recorded, f) not in (None, _config_value(config, f))]
     if differ:
         given = ", ".join(f"config.{f}={_config_value(config, f)!r}" for f in differ)

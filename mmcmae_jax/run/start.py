@@ -33,12 +33,16 @@ def pretraining_start(config, objective, name: str = "stage2"):
     frozen = teacher_params_from_stage1(stage1, tuple(config.objective.inputs)) if objective.teacher else None
     # The weights file is read now, before the model and the data are built: a bad file ends the run here.
     mae_weights = None
+    drop_table = config.init_from_mae_drop_learned_pos_embed
     if config.init_from_mae:
         from mmcmae_jax.port.mae_import import read_state_dict
         try:
             mae_weights = read_state_dict(config.init_from_mae)
         except (ValueError, OSError, ImportError) as err:
             raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
+        # The position table is checked now too, not after the data and the model are built.
+        prefix = "" if name == "train" else f"{name}."  # a stage of a two-stage config: config.stage1.FIELD
+        _check_position_table(config, mae_weights, prefix, name)
     if stage1 is None and mae_weights is None:
         return frozen, None
 
@@ -46,7 +50,8 @@ def pretraining_start(config, objective, name: str = "stage2"):
         if mae_weights is not None:
             from mmcmae_jax.port.mae_import import init_encoders_from_mae
             try:
-                params = init_encoders_from_mae(params, mae_weights, image_size=config.model.image_size)
+                params = init_encoders_from_mae(params, mae_weights, image_size=config.model.image_size,
+                                                check_sincos=not drop_table)
             except ValueError as err:
                 raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
         if stage1 is not None:
@@ -82,13 +87,41 @@ def start_encoder(config):
         check_encoder_fits(encoder, template, config, recorded)
         return encoder
     if config.init_from_mae:
-        from mmcmae_jax.port.mae_import import load_mae_into_encoder
+        from mmcmae_jax.port.mae_import import load_mae_into_encoder, read_state_dict
         try:
-            return load_mae_into_encoder(config.init_from_mae, template, in_chans=3,
-                                         image_size=config.model.image_size)
-        except (ValueError, OSError, KeyError, ImportError) as err:
+            weights = read_state_dict(config.init_from_mae)
+        except (ValueError, OSError, ImportError) as err:
+            raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
+        _check_position_table(config, weights, "", "finetune")
+        try:
+            return load_mae_into_encoder(None, template, in_chans=3, image_size=config.model.image_size,
+                                         check_sincos=not config.init_from_mae_drop_learned_pos_embed,
+                                         state_dict=weights)
+        except (ValueError, KeyError) as err:
             raise ConfigError(f"config.init_from_mae={config.init_from_mae!r}: {err}") from None
     return None
+
+
+def _check_position_table(config, weights: dict, prefix: str, name: str) -> None:
+    """Refuse ImageNet weights with a learned position table for a sin-cos encoder unless the config
+    drops the table on purpose (then say that it is dropped); `prefix` is the config's own path in a
+    two-stage config ("stage1."), for the flags the message names."""
+    from mmcmae_jax.models.vit import parse_variant
+    from mmcmae_jax.port.mae_import import LearnedPositionTableError, check_position_table
+    if config.model.pos_embed != "sincos" or "pos_embed" not in weights:
+        return  # a learned-table encoder takes the table over (resampled where the grid differs)
+    if config.init_from_mae_drop_learned_pos_embed:
+        print(f"[{name}] config.{prefix}init_from_mae_drop_learned_pos_embed=True: the position table of "
+              f"{config.init_from_mae} is not used; the encoders keep their sin-cos positions", flush=True)
+        return
+    where = f"config.{prefix}init_from_mae={config.init_from_mae!r}"
+    try:
+        check_position_table(weights, parse_variant(config.model.variant).width)
+    except LearnedPositionTableError as err:
+        raise ConfigError(f"{where}: {err.finding}; keep it with --config.{prefix}model.pos_embed=learned, or "
+                          f"drop it with --config.{prefix}init_from_mae_drop_learned_pos_embed=True") from None
+    except ValueError as err:  # a table of another width or grid: the weights do not fit this model
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def check_input_paths(config, name: str = "config") -> None:

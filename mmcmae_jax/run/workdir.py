@@ -168,9 +168,24 @@ def load_params(path: str, step: int | None = None) -> tuple[dict, int | None]:
     return params, _step_of(pytree_dir)
 
 
-def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | None = None) -> dict:
+def checkpoint_location(path: str, step: int | None = None) -> tuple[str, int | None]:
+    """(the PyTree directory or file, its step) that `load_params(path, step)` reads, found without
+    restoring it; the step of a file of params is None."""
+    if os.path.isfile(path):
+        return os.path.abspath(path), None
+    from mmcmae_jax.train.checkpoint import find_pytree_dir
+    pytree_dir = find_pytree_dir(path, step)
+    return pytree_dir, _step_of(pytree_dir)
+
+
+def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | None = None, *,
+                     overwrite: bool = True, resolution=None) -> dict:
     """Evaluate a fine-tuning checkpoint (the latest by default) on config.eval_data, print the table,
-    write the JSON (default W/eval/step_N.json). `config` must build the model the run recorded."""
+    write the JSON (default W/eval/step_N.json). `config` must build the model the run recorded.
+
+    An existing results file is replaced, and the line that names it says so; with overwrite=False it is
+    a ConfigError before anything is evaluated. `resolution` (run/resolve.py): where the task, model
+    and head came from, printed and recorded in the results."""
     from mmcmae_jax.run.mismatch import check_recorded_config
     from mmcmae_jax.transfer.evaluation import evaluate, format_results, write_results
     from mmcmae_jax.transfer.splits import require_labelled_frames
@@ -180,11 +195,29 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | N
         recorded = None
     check_recorded_config(config, recorded, workdir)
     require_labelled_frames(config, "eval_data")
-    params, step = load_params(workdir, step)
-    results = evaluate(config, params)
-    results.update(step=step, workdir=os.path.abspath(workdir), eval_data=config.eval_data.path or "procedural")
+    step = checkpoint_location(workdir, step)[1]
     out = out or os.path.join(workdir, "eval", f"step_{step}.json")
+    replaces = os.path.exists(out)
+    if replaces and not overwrite:  # checked before anything is restored or evaluated
+        raise ConfigError(f"{out} already holds results (written {_modified(out)}): add --overwrite to replace "
+                          "it, or --out FILE to write elsewhere")
+    params, step = load_params(workdir, step)
+    model = config.model
+    print(f"evaluating step {step} of {os.path.abspath(workdir)}: {config.task}, {model.variant} at "
+          f"{model.image_size} px ({model.pos_embed} positions), {config.head.kind} head"
+          + (f"; {resolution.source()}" if resolution is not None else ""), flush=True)
+    results = evaluate(config, params)
+    results.update(step=step, workdir=os.path.abspath(workdir), eval_data=config.eval_data.path or "procedural",
+                   model=config.model.to_dict(), head=config.head.to_dict())
+    if resolution is not None:
+        results["resolution"] = resolution.as_json()
     write_results(results, out)
     print(format_results(results), flush=True)
-    print(f"results written to {out}", flush=True)
+    print(f"results of step {step} written to {out}" + (" (it replaced the results there)" if replaces else ""),
+          flush=True)
     return results
+
+
+def _modified(path: str) -> str:
+    import time
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(os.path.getmtime(path)))

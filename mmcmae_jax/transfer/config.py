@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmcmae_jax.config import ConfigError, _check, model_config, validate_model
+from mmcmae_jax.config import ConfigError, _check, model_config, validate_init_from_mae, validate_model
 
 TASKS = ("depth", "segmentation")
 
@@ -62,6 +62,9 @@ def finetune_config(task: str, num_classes: int = 0) -> ml_collections.ConfigDic
     # checkpoint, or neither (from scratch). Not both.
     config.init_from = ""
     config.init_from_mae = ""
+    # True: start a sin-cos encoder from a checkpoint with a learned position table (a supervised timm
+    # ViT), dropping the table; model.pos_embed="learned" keeps it instead (config.validate_init_from_mae).
+    config.init_from_mae_drop_learned_pos_embed = False
     config.freeze_encoder = False              # train the head only; the encoder is a constant
     config.layer_decay = 0.75                  # BEiT layer-wise lr decay; 1.0 = none
     # Data-efficient study: train on this fraction of the (labelled) training frames, chosen by a hash
@@ -149,6 +152,7 @@ def validate_finetune(config: ml_collections.ConfigDict):
     _check(config.loss.max_depth >= 0, "loss.max_depth", f"must be >= 0, got {config.loss.max_depth}")
     _check(not (config.init_from and config.init_from_mae), "init_from",
            "set init_from (a pre-training work directory) or init_from_mae (MAE weights), not both")
+    validate_init_from_mae(config)
     _check(0 < config.layer_decay <= 1, "layer_decay", f"{config.layer_decay} not in (0, 1]")
     _check(0 < config.label_fraction <= 1, "label_fraction", f"{config.label_fraction} not in (0, 1]")
     _check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")

@@ -68,6 +68,8 @@ ARMS = {
     "mask3d": ("Mask3D-style: RGB+depth in, depth out; equal compute", "mask3d", False, {}),
     "contrastive": ("stage 1 alone at M3's compute", None, False, {}),
     "stage1": ("stage 1 alone, as M3's stage 2 starts from it", None, True, {}),
+    "stage1_position": ("stage 1 alone, negatives only at the same position in the other frames", None, False,
+                        {"negatives": "position"}),
     "recon": ("stage 1 + depth reconstruction", "m3_recon_only", True, {}),
     "distill": ("stage 1 + reconstruction + distillation", "m3_no_denoise", True, {}),
     "denoise": ("stage 1 + reconstruction + denoising", "m3_no_distill", True, {}),
@@ -99,6 +101,7 @@ CLAIMS = (
     ("m3", "denoise", "distillation adds to reconstruction + denoising"),
     ("m3", "noise_only", "the denoising loss adds to noise and σ alone"),
     ("m3_teacher_visible", "m3", "a teacher on the visible patches beats one on the full frame"),
+    ("stage1_position", "stage1", "negatives at the same position only beat the whole batch's (stage 1)"),
     ("m3_lognormal_sigma", "m3", "log-normal σ beats uniform σ"),
     ("mae_norm_pix", "mae", "norm-pix targets help MAE"),
     ("multimae_norm_pix", "multimae", "norm-pix targets help MultiMAE-style"),
@@ -186,7 +189,7 @@ def pretrain_config(s: dict, stage: int, key: str, steps: int, seed: int, data_p
         change = dict(OBJECTIVES[key])
         config.objective.weights.update(change.pop("weights", {}))
         config.objective.update(change)
-        config.objective.update(changes or {})
+    config.objective.update(changes or {})
     config.update(batch_size=s["batch"], total_steps=steps, seed=seed, log_every=max(steps // 5, 1),
                   image_every=0, checkpoint_every=max(steps // 2, 1), keep_checkpoints=1)
     config.optim.update(lr=s["lr"], warmup_steps=max(steps // 10, 1))
@@ -217,7 +220,7 @@ def pretrain_plan(s: dict, flops: dict, arms) -> tuple[dict, float]:
             plan[arm] = []
         elif arm == "contrastive":
             plan[arm] = [(1, "", max(1, round(budget / flops["stage1"])))]
-        elif arm == "stage1":
+        elif key is None:  # stage 1 alone at M3's stage-1 steps: the shared run, or one with its own changes
             plan[arm] = [(1, "", s["stage1_steps"])]
         elif on_stage1:
             plan[arm] = [(1, "", s["stage1_steps"]), (2, key, s["stage2_steps"])]
@@ -264,7 +267,8 @@ def run_pretraining(s, plan, arm, seed, root, data_path, log) -> str:
         workdir = os.path.join(root, f"seed{seed}", "pretrain", "stage1" if shared else arm)
         done = os.path.join(workdir, "done.json")
         if not os.path.exists(done):
-            config = pretrain_config(s, stage, key, steps, seed, data_path, ARMS[arm][3])
+            # An arm's changes are to its own stage; a shared stage-1 run is M3's as it is.
+            config = pretrain_config(s, stage, key, steps, seed, data_path, {} if shared else ARMS[arm][3])
             if previous:
                 config.init_from = previous
             start = time.perf_counter()

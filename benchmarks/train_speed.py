@@ -14,9 +14,7 @@ prints images/s and achieved FLOP/s, where FLOPs come from XLA's cost analysis o
 run: the machine's peak matmul FLOP/s (square matmuls, JAX and PyTorch), the PyTorch reference of the
 same model (benchmarks/torch_reference.py: timm blocks, same shapes and masking; stage 2, eager and
 torch.compile), and the input pipeline's frames/s per core at each image size, with the cores it needs
-to feed the measured step. On the CPU it also times every matmul of the compiled step alone, in XLA and
-at the same sizes in PyTorch (benchmarks/matmuls_alone.py): how much of the step is matmul time, and
-how XLA's GEMMs compare with PyTorch's on this model's shapes. "matmul util" counts matmul and
+to feed the measured step. "matmul util" counts matmul and
 convolution FLOPs only (PyTorch's FlopCounterMode on the reference, within 1-5 % of XLA's count of
 everything on CPU) against the better measured matmul peak; on a GPU it is the model-FLOP utilisation
 against the dense bf16 peak of the spec sheet. `--variant 64x2x2/16` swaps in a tiny ViT for a quick
@@ -42,7 +40,7 @@ CASES = {  # name -> (stage, variant, image size)
 
 
 def one_case_parser(description: str) -> argparse.ArgumentParser:
-    """The arguments of the scripts that study one step (profile_step.py, matmuls_alone.py)."""
+    """The arguments of a script that studies one step (profile_step.py)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2))
     parser.add_argument("--variant", default="B/16")
@@ -218,8 +216,8 @@ def main():
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference")
     parser.add_argument("--no-input", action="store_true", help="skip the input-pipeline comparison")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (eager only)")
-    parser.add_argument("--no-matmuls-alone", action="store_true", help="CPU: skip timing the step's matmuls alone "
-                        "(benchmarks/matmuls_alone.py)")
+    parser.add_argument("--peak-size", type=int, default=0, help="side of the square matmuls that measure the "
+                        "peak (default 2048 on CPU, 8192 on GPU; small for a quick check of the script)")
     parser.add_argument("--max-batch", type=int, default=4096, help="GPU: largest batch tried")
     parser.add_argument("--largest-batch-only", action="store_true", help="GPU: only search the largest batch, "
                         "doubling from --batch")
@@ -244,7 +242,7 @@ def main():
     if not gpu and args.bf16_matmuls:
         print(f"  this CPU {'has' if cpu_has_amx() else 'has no'} AMX for bfloat16 matmuls", flush=True)
 
-    peaks = matmul_peak(8192 if gpu else 2048, "bfloat16" if torch_bf16 else dtype,
+    peaks = matmul_peak(args.peak_size or (8192 if gpu else 2048), "bfloat16" if torch_bf16 else dtype,
                         float32_sums=args.bf16_matmuls and not gpu)
     peak = max(peaks.values())
     print("matmul peak: " + ", ".join(f"{k} {fmt(v)}" for k, v in peaks.items()), flush=True)
@@ -268,14 +266,9 @@ def main():
     for name in ([] if args.largest_batch_only else cases):
         stage, variant, size = CASES[name]
         variant = args.variant or variant
-        run, xla_flops, compiled = jax_step(stage, variant, size, batch, dtype, with_compiled=True,
-                                            matmul_precision=precision)
+        run, xla_flops = jax_step(stage, variant, size, batch, dtype, matmul_precision=precision)
         seconds = timed(run, steps, 2)
         row = dict(case=name, jax_img_s=batch / seconds, xla_flops=xla_flops / seconds)
-        if not gpu and not args.no_matmuls_alone:
-            import matmuls_alone
-            print("  the step's matmuls alone ...", flush=True)
-            alone = matmuls_alone.time_step_matmuls(compiled.as_text(), with_torch=have_torch)
         if have_torch:
             import torch_reference as ref
             row["matmul_flops"] = ref.matmul_flops(stage, variant, size, batch) / seconds
@@ -296,9 +289,6 @@ def main():
             if key in row:
                 line += f" | {label} {row[key]:.2f} img/s, JAX/{label.split()[-1]} {row['jax_img_s'] / row[key]:.2f}x"
         print(line, flush=True)
-        if not gpu and not args.no_matmuls_alone:
-            torch_s = batch / row["torch_eager"] if "torch_eager" in row else 0.0
-            print(matmuls_alone.report(alone, batch, seconds, torch_s), flush=True)
 
     if rows and not args.no_input:
         input_keeps_up(rows, batch)

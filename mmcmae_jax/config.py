@@ -47,8 +47,9 @@ def objective_config(stage: int) -> ml_collections.ConfigDict:
         temperature=0.1,
         # "batch": every patch of the batch is a negative; "image": only the other patches of the same
         # frame. With "image" both encoders can match patches by their position embedding alone, and do:
-        # the demo's stage 1 reached the same loss with depth from another frame (README, "Stage 1 and
-        # the position shortcut"). Across frames, patches at the same position are negatives too.
+        # the demo's stage 1 reached the same loss with depth from another frame (docs/results.md, "Stage 1
+        # and the position shortcut"). Across frames, patches at the same position are negatives too.
+        # "position": only the same position in the other frames, so position carries no information.
         negatives="batch",
         stage1_mask_ratio=0.0,   # > 0: one mask shared by both modalities, so positives exist on both sides
         # A patch takes part in the contrastive loss (as anchor and as negative) only when more than this
@@ -129,8 +130,12 @@ def validate_objective(obj: ml_collections.ConfigDict):
     if obj.stage == 1:
         _check(obj.weights.contrastive > 0, "objective.weights.contrastive", "stage 1 trains the contrastive loss")
         _check(obj.temperature > 0, "objective.temperature", f"must be positive, got {obj.temperature}")
-        _check(obj.negatives in ("image", "batch"), "objective.negatives", f"{obj.negatives!r} is not 'image' or 'batch'")
+        from mmcmae_jax.losses import NEGATIVES
+        _check(obj.negatives in NEGATIVES, "objective.negatives", f"{obj.negatives!r} is not one of {NEGATIVES}")
         _check(0.0 <= obj.stage1_mask_ratio < 1.0, "objective.stage1_mask_ratio", f"{obj.stage1_mask_ratio} not in [0, 1)")
+        # A masked frame keeps its own patches in its slots, so slot i is not position i across frames.
+        _check(obj.negatives != "position" or obj.stage1_mask_ratio == 0, "objective.negatives",
+               "'position' groups the same patch position of every frame; it needs objective.stage1_mask_ratio=0")
         _check(0.0 <= obj.contrastive_min_valid_fraction < 1.0, "objective.contrastive_min_valid_fraction",
                f"{obj.contrastive_min_valid_fraction} not in [0, 1)")
         return

@@ -11,6 +11,22 @@ import jax
 import jax.numpy as jnp
 
 
+NEGATIVES = ("image", "batch", "position")
+
+
+def _candidate_groups(z_rgb, z_depth, valid, negatives: str):
+    """Regroup (B, N, ...) so that axis 0 indexes the groups within which patches are each other's
+    candidates, and axis 1 the patches of a group."""
+    if negatives == "image":
+        return z_rgb, z_depth, valid
+    if negatives == "batch":
+        return (z_rgb.reshape(1, -1, z_rgb.shape[-1]), z_depth.reshape(1, -1, z_depth.shape[-1]),
+                valid.reshape(1, -1))
+    if negatives == "position":
+        return z_rgb.swapaxes(0, 1), z_depth.swapaxes(0, 1), valid.T
+    raise ValueError(f"negatives must be one of {NEGATIVES}, got {negatives!r}")
+
+
 def patch_info_nce(z_rgb: jax.Array, z_depth: jax.Array, temperature: float = 0.1,
                    negatives: str = "image", patch_valid: jax.Array | None = None) -> jax.Array:
     """Bidirectional patch-level InfoNCE between RGB and depth patch embeddings.
@@ -26,15 +42,13 @@ def patch_info_nce(z_rgb: jax.Array, z_depth: jax.Array, temperature: float = 0.
 
     negatives="image": k runs over the patches of the same image, i over all anchors of the batch.
     negatives="batch": k runs over every patch of the batch (B*N candidates).
+    negatives="position": k runs over the patches at the same position in every image of the batch
+    (B candidates), so the position embedding cannot tell the positive from a negative.
     With no valid patch the loss is 0.
     """
     z_rgb, z_depth = z_rgb.astype(jnp.float32), z_depth.astype(jnp.float32)
     valid = jnp.ones(z_rgb.shape[:2], bool) if patch_valid is None else patch_valid.astype(bool)
-    if negatives == "batch":
-        z_rgb, z_depth = z_rgb.reshape(1, -1, z_rgb.shape[-1]), z_depth.reshape(1, -1, z_depth.shape[-1])
-        valid = valid.reshape(1, -1)
-    elif negatives != "image":
-        raise ValueError(f"negatives must be 'image' or 'batch', got {negatives!r}")
+    z_rgb, z_depth, valid = _candidate_groups(z_rgb, z_depth, valid, negatives)
     logits = jnp.einsum("bie,bke->bik", z_rgb, z_depth) / temperature
     # A finite floor, not -inf: an image with no valid patch keeps a finite logsumexp (its rows are
     # weighted 0 below), so neither the loss nor the gradient sees inf - inf.
@@ -153,18 +167,17 @@ def uniform_info_nce(patch_valid: jax.Array, negatives: str = "image") -> jax.Ar
     """`patch_info_nce` of equal similarities everywhere: the log of each anchor's number of candidates,
     averaged over the valid anchors as the loss averages.
 
-    patch_valid: (B, N). With n_b the valid patches of image b and n = sum_b n_b,
-        negatives="batch":  L = log n
-        negatives="image":  L = sum_b n_b log n_b / n
-    With no valid patch it is 0, as the loss.
+    patch_valid: (B, N). With n_g the valid patches of candidate group g and n = sum_g n_g,
+        L = sum_g n_g log n_g / n
+    where the groups are the images (negatives="image"), the whole batch ("batch": L = log n), or the
+    positions ("position": n_g is the number of images valid at position g). With no valid patch it
+    is 0, as the loss.
     """
-    per_image = jnp.sum(patch_valid.astype(jnp.float32), axis=1)
-    total = jnp.sum(per_image)
-    if negatives == "batch":
-        return jnp.log(jnp.maximum(total, 1.0))
-    if negatives != "image":
-        raise ValueError(f"negatives must be 'image' or 'batch', got {negatives!r}")
-    return jnp.sum(per_image * jnp.log(jnp.maximum(per_image, 1.0))) / jnp.maximum(total, 1.0)
+    valid = patch_valid.astype(jnp.float32)
+    _, _, valid = _candidate_groups(valid[..., None], valid[..., None], valid, negatives)
+    per_group = jnp.sum(valid, axis=1)
+    total = jnp.sum(per_group)
+    return jnp.sum(per_group * jnp.log(jnp.maximum(per_group, 1.0))) / jnp.maximum(total, 1.0)
 
 
 def batch_mean_distill_loss(teacher: jax.Array, beta: float = 1.0) -> jax.Array:

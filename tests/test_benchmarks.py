@@ -38,64 +38,16 @@ def test_compiled_flops_of_a_matmul_are_2mnk():
     np.testing.assert_allclose(flops, 2 * 64 * 96 * 32, rtol=0.01)
 
 
-def test_matmuls_alone_reads_every_matmul_of_a_compiled_step():
-    """The HLO reader finds each dot with its sizes (a plain matmul, a batched einsum with a transposed
-    operand, a gradient's dots) and the convolution's FLOPs, matching counts made by hand."""
-    import matmuls_alone
-
-    def f(x, w, q, k, images, kernel):
-        attention = jnp.einsum("bhqd,bhkd->bhqk", q, k)
-        conv = jax.lax.conv_general_dilated(images, kernel, (4, 4), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-        return jnp.sum(jnp.tanh(x @ w) ** 2) + jnp.sum(attention) + jnp.sum(conv)
-
-    shapes = dict(x=(24, 40), w=(40, 56), q=(2, 3, 10, 8), k=(2, 3, 12, 8), images=(2, 16, 16, 3), kernel=(4, 4, 3, 32))
-    args = [jax.ShapeDtypeStruct(v, jnp.float32) for v in shapes.values()]
-    hlo = jax.jit(jax.value_and_grad(f, argnums=1)).lower(*args).compile().as_text()  # d/dw adds x.T @ g
-    dots, conv_flops = matmuls_alone.step_matmuls(hlo)
-    sizes = sorted(d.sizes() for d, n in dots.items() for _ in range(n))
-    assert sizes in (sorted([(1, 24, 40, 56), (1, 40, 24, 56), (6, 10, 8, 12)]),  # dW as x.T @ g or g.T @ x
-                     sorted([(1, 24, 40, 56), (1, 56, 24, 40), (6, 10, 8, 12)])), sizes
-    assert conv_flops == 2 * (2 * 4 * 4 * 32) * (4 * 4 * 3)
-    ceiling = matmuls_alone.time_step_matmuls(hlo, with_torch=False, repeats=1)
-    assert ceiling["matmul_flops"] == 2 * (2 * 24 * 40 * 56 + 6 * 10 * 8 * 12) and ceiling["xla_s"] > 0
-
-
-def test_matmuls_alone_keeps_a_bfloat16_dots_float32_result():
-    """Under model.matmul_precision="bfloat16" the step's dots are bf16 x bf16 -> f32, the form XLA's CPU
-    backend runs on AMX; the reader keeps the result type, so the matmul timed alone is that same form."""
-    import matmuls_alone
-    a, b = jax.ShapeDtypeStruct((24, 40), jnp.bfloat16), jax.ShapeDtypeStruct((40, 56), jnp.bfloat16)
-    hlo = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32)).lower(a, b).compile().as_text()
-    (dot, count), = matmuls_alone.step_matmuls(hlo)[0].items()
-    assert (dot.dtype, dot.out_dtype, dot.sizes(), count) == ("bf16", "f32", (1, 24, 40, 56), 1)
-    assert matmuls_alone.time_in_xla(dot, 1) > 0
-
-
 @needs_torch
 def test_train_speed_with_bfloat16_matmuls_on_a_tiny_model():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "train_speed.py"), "--cases", "s2-S16-128",
-                          "--variant", "64x2x2/16", "--batch", "2", "--steps", "1", "--no-compile", "--no-input",
+                          "--variant", "64x2x2/16", "--batch", "2", "--steps", "1", "--no-compile", "--peak-size", "256", "--no-input",
                           "--bf16-matmuls"], capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
     assert "matmul precision bfloat16" in lines[0] and "AMX for bfloat16 matmuls" in lines[1], out.stdout
     stage2 = next(line for line in lines if line.startswith("s2-S16-128:"))
     assert "JAX/eager" in stage2 and "matmul util" in stage2, stage2
-    assert "x the PyTorch eager step" in lines[lines.index(stage2) + 1], out.stdout
-
-
-@needs_torch
-def test_matmuls_alone_prints_its_figures_on_a_tiny_model():
-    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "matmuls_alone.py"), "--variant", "64x2x2/16",
-                          "--image-size", "64", "--batch", "2", "--show", "3", "--host-blas"],
-                         capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
-    assert out.returncode == 0, out.stderr[-3000:]
-    listed = [line for line in out.stdout.splitlines() if " @ " in line and "GFLOP/s" in line]
-    assert len(listed) == 3 and all("XLA" in line and "PyTorch" in line and "NumPy via pure_callback" in line
-                                    for line in listed), out.stdout
-    *_, swapped, host_blas = out.stdout.splitlines()
-    assert "x the PyTorch eager step" in swapped, out.stdout
-    assert host_blas.startswith("  through NumPy's BLAS: ") and "x XLA's speed" in host_blas, out.stdout
 
 
 def test_step_flops_scale_with_the_batch_and_follow_the_work():
@@ -165,6 +117,30 @@ def test_study_never_records_a_preempted_run_as_finished_nor_trains_one_run_twic
         pass
 
 
+def test_study_arm_changes_reach_its_own_stage_only(tmp_path, monkeypatch):
+    """stage1_position trains its own stage 1 with position negatives; the shared stage 1 under the
+    stage-2 arms stays M3's (batch negatives), whatever changes those arms make to their stage 2."""
+    import pretraining_study as study
+    from mmcmae_jax import pretrain
+    from mmcmae_jax.train.trainer import TrainResult
+    s = study.settings("smoke")
+    seen = {}
+
+    def run_stage(config, workdir, name):
+        seen[os.path.relpath(workdir, tmp_path)] = config
+        return TrainResult(config.total_steps, {}, [], preempted=False)
+    monkeypatch.setattr(pretrain, "run_stage", run_stage)
+    plan, _ = study.pretrain_plan(s, {"stage1": 2.0, "m3": 1.0}, ("stage1_position", "m3_teacher_visible"))
+    assert plan["stage1_position"] == [(1, "", s["stage1_steps"])]
+    for arm in ("stage1_position", "m3_teacher_visible"):
+        study.run_pretraining(s, plan, arm, 0, str(tmp_path), "", print)
+    own, shared, stage2 = (seen[os.path.join("seed0", "pretrain", name)]
+                           for name in ("stage1_position", "stage1", "m3_teacher_visible"))
+    assert own.objective.negatives == "position" and shared.objective.negatives == "batch"
+    assert shared.objective.distill_teacher_input == "full"
+    assert stage2.objective.distill_teacher_input == "visible" and stage2.init_from.endswith("stage1")
+
+
 def test_study_verdict_needs_three_spreads_and_respects_each_metrics_direction():
     import pretraining_study as study
     scratch = np.array([0.50, 0.52, 0.48])  # sample std 0.02
@@ -223,7 +199,7 @@ def torch_equal(tensor, value):
 @needs_torch
 def test_train_speed_prints_every_figure_on_a_tiny_model():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "train_speed.py"), "--cases", "s1-S16-128",
-                          "s2-S16-128", "--variant", "64x2x2/16", "--batch", "2", "--steps", "1", "--no-compile"],
+                          "s2-S16-128", "--variant", "64x2x2/16", "--batch", "2", "--steps", "1", "--no-compile", "--peak-size", "256"],
                          capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
     assert out.returncode == 0, out.stderr[-3000:]
     lines = out.stdout.splitlines()
@@ -231,21 +207,7 @@ def test_train_speed_prints_every_figure_on_a_tiny_model():
     stage2 = next(line for line in lines if line.startswith("s2-S16-128:"))
     for figure in ("JAX", "img/s", "XLA-counted", "matmul util", "PyTorch eager", "JAX/eager"):
         assert figure in stage2, stage2
-    ceiling = lines[lines.index(stage2) + 1]  # the step's matmuls timed alone, in XLA and PyTorch
-    for figure in ("matmuls, each run alone", "XLA", "of the JAX step", "PyTorch", "x the PyTorch eager step"):
-        assert figure in ceiling, ceiling
     assert any("s1-S16-128" in line and "needs" in line and "cores" in line for line in lines), out.stdout
-
-
-def test_step_parts_compares_each_part_with_what_it_replaced():
-    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "step_parts.py"), "--variant", "64x2x2/16",
-                          "--batch", "2", "--repeats", "2"], capture_output=True, text=True, timeout=600, cwd=BENCHMARKS)
-    assert out.returncode == 0, out.stderr[-3000:]
-    lines = out.stdout.splitlines()
-    ours = [line for line in lines if line.strip().startswith("ours")]
-    assert len(ours) == 4, out.stdout  # attention at two lengths, the encoder forward, the optimizer update
-    assert all("x)" in line and "ms" in line for line in ours), out.stdout
-    assert any("optimizer update" in line and "M parameters" in line for line in lines), out.stdout
 
 
 def test_profile_step_splits_the_step_into_its_parts():

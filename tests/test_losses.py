@@ -43,7 +43,7 @@ def test_info_nce_whole_batch_matches_numpy():
     assert rel_err(ours, expected) < 1e-5
 
 
-@pytest.mark.parametrize("negatives", ["image", "batch"])
+@pytest.mark.parametrize("negatives", ["image", "batch", "position"])
 def test_info_nce_without_invalid_patches_matches_numpy(negatives):
     """Invalid patches drop out of both directions, as anchors and as candidates; a frame with none valid
     adds nothing, and with no valid patch at all the loss is 0."""
@@ -55,9 +55,12 @@ def test_info_nce_without_invalid_patches_matches_numpy(negatives):
                                  negatives, jnp.asarray(valid))
     if negatives == "batch":
         expected = np_info_nce(z_rgb[valid], z_depth[valid], 0.1)
-    else:  # per image, then weighted by each image's valid patches
+    elif negatives == "image":  # per image, then weighted by each image's valid patches
         expected = sum(np_info_nce(z_rgb[b][valid[b]], z_depth[b][valid[b]], 0.1) * valid[b].sum()
                        for b in range(2)) / valid.sum()
+    else:  # per position, over the frames valid there, weighted by their number
+        expected = sum(np_info_nce(z_rgb[:, i][valid[:, i]], z_depth[:, i][valid[:, i]], 0.1) * valid[:, i].sum()
+                       for i in range(6) if valid[:, i].any()) / valid.sum()
     assert rel_err(ours, expected) < 1e-5
     none_valid = losses.patch_info_nce(jnp.asarray(z_rgb), jnp.asarray(z_depth), 0.1, negatives,
                                        jnp.zeros((3, 6), bool))
@@ -89,8 +92,13 @@ def test_position_alone_solves_per_image_negatives_but_not_batch_negatives():
     position_only = jnp.broadcast_to(jnp.eye(patches)[None], (batch, patches, patches))
     per_image = losses.patch_info_nce(position_only, position_only, 0.05, "image")
     whole_batch = losses.patch_info_nce(position_only, position_only, 0.05, "batch")
+    same_position = losses.patch_info_nce(position_only, position_only, 0.05, "position")
     assert float(per_image) < 1e-6
     assert abs(float(whole_batch) - np.log(batch)) < 1e-4
+    # With only the same position of the other frames as negatives, position is no help at all: the
+    # loss is that of equal similarities, log(B), as for a model that learned nothing.
+    assert abs(float(same_position) - np.log(batch)) < 1e-4
+    assert abs(float(losses.uniform_info_nce(jnp.ones((batch, patches), bool), "position")) - np.log(batch)) < 1e-6
 
 
 def np_masked_mse(pred, target, weight, valid):
@@ -227,12 +235,13 @@ def test_image_mean_reconstruction_matches_numpy(channels):
     assert rel_err(ours, np_image_mean_loss(target, mask, valid, channels)) < 1e-5
 
 
-@pytest.mark.parametrize("negatives", ["image", "batch"])
+@pytest.mark.parametrize("negatives", ["image", "batch", "position"])
 def test_uniform_info_nce_is_the_loss_of_equal_similarities(negatives):
-    """log(candidates), averaged as patch_info_nce averages: per image log n_b weighted by n_b, or log n."""
+    """log(candidates), averaged as patch_info_nce averages: per image log n_b weighted by n_b, log n, or
+    per position log m_i weighted by m_i."""
     valid = np.random.default_rng(14).random((3, 16)) > 0.4
     valid[2] = False
-    counts = valid.sum(axis=1)
+    counts = valid.sum(axis=1) if negatives == "image" else valid.sum(axis=0)
     expected = (np.log(counts.sum()) if negatives == "batch"
                 else sum(n * np.log(n) for n in counts if n) / counts.sum())
     ours = losses.uniform_info_nce(jnp.asarray(valid), negatives)

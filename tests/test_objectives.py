@@ -53,13 +53,14 @@ def check_step(config, frozen):
     return loss, metrics, params
 
 
-@pytest.mark.parametrize("negatives,mask_ratio", [("image", 0.0), ("batch", 0.5)])
+@pytest.mark.parametrize("negatives,mask_ratio", [("image", 0.0), ("batch", 0.5), ("position", 0.0)])
 def test_stage1_jits_and_every_parameter_learns(negatives, mask_ratio):
     loss, metrics, _ = check_step(tiny_config(1, negatives=negatives, stage1_mask_ratio=mask_ratio), {})
     assert set(metrics) == {"contrastive", "contrastive_other_frame", "contrastive_valid_patches",
                             "contrastive_trivial"}
     assert float(loss) > 0
-    candidates = int(16 * (1 - mask_ratio)) * (1 if negatives == "image" else 2)  # tiny_batch: 2 frames, 16 patches
+    # tiny_batch: 2 frames of 16 patches; "position" compares each patch with that position in 2 frames
+    candidates = 2 if negatives == "position" else int(16 * (1 - mask_ratio)) * (1 if negatives == "image" else 2)
     assert abs(float(metrics["contrastive_trivial"]) - np.log(candidates)) < 1e-5
 
 
@@ -272,6 +273,15 @@ def test_stage1_bad_config_names_field(field, value, message):
         target = target[key]
     target[rest[-1]] = value
     with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+        validate(config)
+
+
+def test_position_negatives_refuse_a_stage1_mask():
+    config = tiny_config(1, negatives="position", stage1_mask_ratio=0.5)
+    with pytest.raises(ValueError, match=r"config\.objective\.negatives: .*stage1_mask_ratio=0"):
+        validate(config)
+    config = tiny_config(1, negatives="pairs")
+    with pytest.raises(ValueError, match=r"config\.objective\.negatives: 'pairs' is not one of"):
         validate(config)
 
 

@@ -55,8 +55,8 @@ def clip_and_skip_nonfinite(inner: optax.GradientTransformation, max_norm: float
 
     One global norm serves both the clip and the finiteness check, and the rest is elementwise, so XLA
     fuses each leaf's clip, Adam and decay into one pass. optax's clip_by_global_norm and apply_if_finite
-    (a lax.cond around the whole update) took 3.3x as long on the ViT-B/16 stage-2 tree
-    (docs/results.md, "What made the step faster").
+    (a lax.cond around the whole update) took 3.3x as long on the ViT-B/16 stage-2 tree on the 2-core
+    CPU (measured by benchmarks/step_parts.py, since retired: `git log -- benchmarks/step_parts.py`).
 
     On a non-finite step `inner` sees zero gradients and its update is zeroed: the parameters stay as
     they were and Adam's moments decay by one step. The host stops the run on that step's metrics

@@ -200,7 +200,7 @@ def test_every_finetune_config_and_preset_validates(path):
     assert "Expected" in text
 
 
-def test_label_fractions_are_deterministic_and_nested(tmp_path):
+def test_label_fractions_are_deterministic_and_nested(tmp_path, monkeypatch):
     from mmcmae_jax.data import example_from_arrays, serialize_example, write_records
     from mmcmae_jax.transfer.splits import choose_frames, write_label_fraction
 
@@ -223,6 +223,28 @@ def test_label_fractions_are_deterministic_and_nested(tmp_path):
     assert all(int(f.split("/")[1]) % 2 == 0 for f in manifest["frames"])
     from mmcmae_jax.data import read_records
     assert sum(1 for _ in read_records(manifest["shards"][0])) == 5
+
+    # Another choice into the same folder replaces the subset: no shard of the first choice is left.
+    source = str(tmp_path / "in-00000-of-00001.array_record")
+    again = write_label_fraction(source, str(tmp_path / "sub"), 1.0, labelled_only=True, num_shards=2)
+    on_disk = sorted(p for p in os.listdir(tmp_path / "sub") if p.endswith(".array_record"))
+    assert on_disk == sorted(os.path.basename(p) for p in again["shards"]) and len(on_disk) == 2
+    assert sum(1 for p in again["shards"] for _ in read_records(p)) == 10
+
+    # A failure part-way through writing leaves neither a readable partial subset nor a manifest.
+    from mmcmae_jax.transfer import splits
+    original, calls = splits.parsed_records, []
+
+    def fails_while_writing(*args, **kwargs):  # the second pass writes; the disk fills at its 4th record
+        calls.append(1)
+        for k, item in enumerate(original(*args, **kwargs)):
+            if len(calls) == 2 and k == 3:
+                raise OSError("disk full")
+            yield item
+    monkeypatch.setattr(splits, "parsed_records", fails_while_writing)
+    with pytest.raises(OSError, match="disk full"):
+        write_label_fraction(source, str(tmp_path / "broken"), 0.5, labelled_only=True)
+    assert len(calls) == 2 and os.listdir(tmp_path / "broken") == []
 
 
 def write_frames(path, labelled):

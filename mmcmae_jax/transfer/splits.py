@@ -124,19 +124,25 @@ def write_label_fraction(paths_or_pattern, out_dir: str, fraction: float, seed: 
     chosen = choose_frames(keys, fraction, seed)
 
     os.makedirs(out_dir, exist_ok=True)
-    shards = [records.shard_name(out_dir, "subset", i, num_shards, fmt) for i in range(num_shards)]
-    writers = [records.open_writer(p, fmt) for p in shards]
+    if os.path.exists(manifest_path):  # an earlier, different choice: it describes shards about to go
+        os.remove(manifest_path)
+    # The folder is this function's own: an earlier choice's shards are replaced, and a failure part-way
+    # leaves no readable subset behind (the shards appear only once all are written).
     written = 0
-    try:
-        for data, ex in parsed_records(paths, fmt):
-            if (ex.source, ex.frame_id) in chosen and labelled(ex):
-                writers[written % num_shards].write(data)
-                written += 1
-    finally:
-        for writer in writers:
-            writer.close()
-    manifest = dict(request, candidates=candidates, chosen=written, shards=shards,
+    with records.ShardSetWriter(out_dir, "subset", num_shards, fmt, overwrite=True) as shard_set:
+        writers = [records.open_writer(p, fmt) for p in shard_set.temporary_paths]
+        try:
+            for data, ex in parsed_records(paths, fmt):
+                if (ex.source, ex.frame_id) in chosen and labelled(ex):
+                    writers[written % num_shards].write(data)
+                    written += 1
+        finally:
+            for writer in writers:
+                writer.close()
+    manifest = dict(request, candidates=candidates, chosen=written, shards=shard_set.paths,
                     frames=sorted(f"{s}/{i}" for s, i in chosen))
-    with open(manifest_path, "w", encoding="utf-8") as f:
+    partial = manifest_path + ".partial"
+    with open(partial, "w", encoding="utf-8") as f:
         json.dump(manifest, f, indent=1)
+    os.replace(partial, manifest_path)
     return manifest

@@ -135,16 +135,23 @@ def label_legend(class_names, ignore_name: str | None = "unlabelled") -> dict:
 
 
 def plot_panels(rows, titles=None, row_labels=None, legend: dict | None = None, panel_size: float = 2.0,
-                suptitle: str | None = None):
-    """A matplotlib Figure of uint8 images, one list per row, with column titles, row labels and an
-    optional colour legend ({name: colour}). It is built without pyplot, so it leaves no global state
-    and works headless; show it with IPython's `display(fig)` or write it with `fig.savefig(path)`."""
+                suptitle: str | None = None, colorbars=None):
+    """A matplotlib Figure of uint8 images, one list per row, with column titles, row labels, an optional
+    colour legend ({name: colour}) and optional colour bars: one (cmap, vmin, vmax, label) or None per
+    row, drawn at the row's end, for the scale its images were coloured with (`colorize`). It is built
+    without pyplot, so it leaves no global state and works headless; show it with IPython's
+    `display(fig)`, write it with `fig.savefig(path)`, or get its pixels with `figure_to_image`."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
     num_rows, num_cols = len(rows), max(len(r) for r in rows)
+    bars = colorbars is not None and any(bar is not None for bar in colorbars)
     extra = 0.45 if titles is not None else 0.1
-    fig = Figure(figsize=(panel_size * num_cols, panel_size * num_rows + extra + (0.5 if legend else 0.0)))
-    axes = fig.subplots(num_rows, num_cols, squeeze=False)
+    fig = Figure(figsize=(panel_size * (num_cols + (0.45 if bars else 0.0)),
+                          panel_size * num_rows + extra + (0.5 if legend else 0.0) + (0.3 if suptitle else 0.0)))
+    axes = fig.subplots(num_rows, num_cols + bars, squeeze=False,
+                        gridspec_kw={"width_ratios": [1] * num_cols + [0.08] * bars})
     for i in range(num_rows):
         for j in range(num_cols):
             ax = axes[i][j]
@@ -158,6 +165,15 @@ def plot_panels(rows, titles=None, row_labels=None, legend: dict | None = None, 
                 ax.set_title(titles[j], fontsize=9)
             if row_labels is not None and j == 0 and i < len(row_labels):
                 ax.set_ylabel(row_labels[i], fontsize=9)
+        if bars:
+            bar = colorbars[i] if i < len(colorbars) else None
+            if bar is None:
+                axes[i][-1].axis("off")
+            else:
+                cmap, vmin, vmax, label = bar
+                scale = fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap), cax=axes[i][-1])
+                scale.set_label(label, fontsize=8)
+                scale.ax.tick_params(labelsize=7)
     if legend:
         handles = [Patch(facecolor=np.asarray(c, np.float32) / 255, edgecolor="0.5", label=n) for n, c in legend.items()]
         fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8, frameon=False)
@@ -165,3 +181,12 @@ def plot_panels(rows, titles=None, row_labels=None, legend: dict | None = None, 
         fig.suptitle(suptitle, fontsize=10)
     fig.tight_layout(rect=(0, 0.08 if legend else 0, 1, 1))
     return fig
+
+
+def figure_to_image(fig, dpi: int = 100) -> np.ndarray:
+    """The pixels of a matplotlib Figure as uint8 RGB (H, W, 3), for PNG files and TensorBoard."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    canvas = FigureCanvasAgg(fig)
+    fig.set_dpi(dpi)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()

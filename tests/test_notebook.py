@@ -14,8 +14,23 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 
-NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab", "m3_demo.ipynb")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(ROOT, "colab", "m3_demo.ipynb")
 CELL_TIMEOUT_S = 300
+
+# Run after the fine-tuning figure: each drawn frame's AbsRel through the evaluation's own jitted step
+# (a batch weighted to that frame alone), to compare with the AbsRel the figure shows.
+FIGURE_CHECK_CELL = """
+from mmcmae_jax.transfer.evaluation import make_eval_step
+eval_step = make_eval_step(ft_config)
+evaluated = []
+for i in range(len(eval_batch["rgb"])):
+    weight = np.zeros(len(eval_batch["rgb"]), np.float32)
+    weight[i] = 1.0
+    sums = jax.device_get(eval_step(ft_params, {k: eval_batch[k] for k in ("rgb", "depth_m")}, weight))
+    evaluated.append(metrics.depth_metrics(sums)["abs_rel"])
+print("FIGURE CHECK", json.dumps({"figure": FIGURE_ABS_REL, "evaluation": evaluated}))
+"""
 
 
 def read_notebook():
@@ -36,6 +51,30 @@ def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
     assert any('find_spec("mmcmae_jax") is None' in c.source and "pip" in c.source for c in code_cells)
 
 
+def run_parameters_cell(monkeypatch, fast: bool):
+    """The first cell, run as a user runs it from a checkout: the namespace it leaves and what it prints."""
+    cell = next(c for c in read_notebook().cells if c.cell_type == "code")
+    monkeypatch.chdir(ROOT)
+    monkeypatch.delenv("MMCMAE_NOTEBOOK_WORKDIR", raising=False)
+    monkeypatch.setenv("MMCMAE_NOTEBOOK_FAST", "1" if fast else "0")
+    namespace = {}
+    exec(cell.source, namespace)
+    return namespace
+
+
+def test_default_work_directory_lies_outside_the_checkout(monkeypatch):
+    workdir = os.path.realpath(run_parameters_cell(monkeypatch, fast=False)["WORKDIR"])
+    root = os.path.realpath(ROOT)
+    assert os.path.commonpath([workdir, root]) != root, f"{workdir} lies inside the checkout {root}"
+
+
+def test_fast_mode_says_that_its_numbers_are_not_results(monkeypatch, capsys):
+    run_parameters_cell(monkeypatch, fast=True)
+    assert "NOT results" in capsys.readouterr().out
+    run_parameters_cell(monkeypatch, fast=False)
+    assert "NOT results" not in capsys.readouterr().out
+
+
 def images(nb):
     return [base64.b64decode(o.data["image/png"]) for c in nb.cells if c.cell_type == "code"
             for o in c.outputs if "data" in o and "image/png" in o.data]
@@ -53,6 +92,8 @@ def test_notebook_runs_top_to_bottom_in_fast_mode(tmp_path, monkeypatch):
     # The kernel is `python3` run as `python`: make that this interpreter, whose environment has the package.
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     nb = read_notebook()
+    figure = next(i for i, c in enumerate(nb.cells) if "FIGURE_ABS_REL" in c.source)
+    nb.cells.insert(figure + 1, nbformat.v4.new_code_cell(FIGURE_CHECK_CELL))
     client = nbclient.NotebookClient(nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})
     try:
@@ -82,6 +123,11 @@ def test_notebook_runs_top_to_bottom_in_fast_mode(tmp_path, monkeypatch):
     assert results["task"] == "depth" and results["frames"] == 8
     assert all(np.isfinite(results["metrics"][k]) for k in ("delta1", "abs_rel", "rmse"))
     assert "abs_rel" in text
+    # The AbsRel the figure shows for each frame is the evaluation's (predictions clipped to its depth caps).
+    check = json.loads(text.split("FIGURE CHECK ")[1].splitlines()[0])
+    np.testing.assert_allclose(check["figure"], check["evaluation"], rtol=1e-4)
+    # Fast mode says, where its numbers are printed, that they are not results.
+    assert text.count("NOT results") == 2
 
     # The exported RGB encoder is a timm-layout safetensors file of the pre-trained encoder.
     from safetensors.numpy import load_file

@@ -62,7 +62,8 @@ def labelled_pixels_after_eval_transform(ids):
 
 
 def losses_of(workdir):
-    return [json.loads(line)["loss"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+    return [r["loss"] for r in records if r["stage"] == "finetune"]  # not the evaluations (finetune_eval)
 
 
 def test_segmentation_on_real_nyu_labels_through_both_commands(nyu):

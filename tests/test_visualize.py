@@ -146,3 +146,68 @@ def test_plot_panels_draws_every_image(tmp_path):
     path = tmp_path / "panels.png"
     fig.savefig(path)
     assert Image.open(path).size[0] > 100
+
+
+def test_plot_panels_draws_a_colour_bar_per_row_at_its_scale():
+    images = [np.full((8, 8, 3), v, np.uint8) for v in (0, 128)]
+    fig = visualize.plot_panels([images, images], titles=["a", "b"],
+                                colorbars=[("turbo", 0.5, 3.0, "depth (m)"), None])
+    bar_axes = [ax for ax in fig.get_axes() if ax.get_ylabel() == "depth (m)"]
+    assert len(bar_axes) == 1 and bar_axes[0].get_ylim() == pytest.approx((0.5, 3.0))
+    image = visualize.figure_to_image(fig)
+    assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+
+
+def stage2_outputs(batch=2, size=32, patch=8, seed=0):
+    """What the stage-2 objective's forward gives for a batch, with random values."""
+    rng = np.random.default_rng(seed)
+    patches = (size // patch) ** 2
+    inputs = dict(rgb=rng.normal(size=(batch, size, size, 3)).astype(np.float32),
+                  depth=rng.normal(size=(batch, size, size, 1)).astype(np.float32),
+                  depth_valid=np.ones((batch, size, size, 1), np.float32))
+    out = dict(mask={"rgb": rng.integers(0, 2, (batch, patches)), "depth": rng.integers(0, 2, (batch, patches))},
+               added_noise=(0.3 * rng.normal(size=(batch, size, size, 1))).astype(np.float32),
+               pred={"depth": rng.normal(size=(batch, patches, patch * patch)).astype(np.float32)})
+    return out, inputs
+
+
+def test_stage2_grid_has_column_titles_and_a_depth_colour_bar_per_row():
+    from mmcmae_jax import pictures
+    out, inputs = stage2_outputs()
+    fig = pictures.stage2_figure(out, inputs, 8, "step 7")
+    axes = fig.get_axes()
+    titles = ["RGB, masked", "noisy depth, masked", "reconstructed depth", "predicted noise", "ground-truth depth"]
+    assert [ax.get_title() for ax in axes[:5]] == titles
+    bars = [ax for ax in axes if ax.get_ylabel() == "depth (σ)"]
+    assert len(bars) == 2  # one per example, at the scale its depth maps were coloured with
+    for bar, depth in zip(bars, inputs["depth"]):
+        assert bar.get_ylim() == pytest.approx(visualize.shared_depth_scale(depth, valid=np.ones_like(depth)))
+    noise = [float(np.abs(n).max()) for n in out["added_noise"]]
+    assert [axes[i * 6].get_ylabel() for i in range(2)] == [f"example {i}\nnoise ±{noise[i]:.2g}" for i in range(2)]
+
+
+def test_trainer_pictures_are_the_titled_grid():
+    """What the trainer writes to TensorBoard and images/ is that grid, with its titles and colour bars."""
+    import jax
+    import jax.numpy as jnp
+    from mmcmae_jax import pictures
+    from mmcmae_jax.config import training_config
+    out, inputs = stage2_outputs()
+
+    class Objective:  # a stage-2 objective whose forward gives the outputs above
+        def forward(self, params, batch, rng):
+            return jax.tree.map(jnp.asarray, out)
+
+    class Writer:  # the trainer's MetricWriter, recording what it is given
+        def write_image(self, step, tag, image, png_path):
+            written.update(step=step, tag=tag, image=image, png_path=png_path)
+
+    written = {}
+    config = training_config(2)
+    config.model.update(variant="64x2x2/8", image_size=32)
+    write = pictures.stage2_picture_fn(Objective(), config, "/w")
+    write(7, {}, jax.tree.map(jnp.asarray, inputs), Writer())
+    expected = visualize.figure_to_image(pictures.stage2_figure(out, inputs, 8, "step 7: training batch"))
+    assert written["step"] == 7 and written["png_path"] == "/w/images/step_000007.png"
+    assert written["image"].shape == expected.shape
+    assert np.abs(written["image"].astype(int) - expected).mean() < 1.0

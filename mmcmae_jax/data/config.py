@@ -6,6 +6,7 @@ from __future__ import annotations
 import ml_collections
 
 from mmcmae_jax.data import pipeline, procedural, records
+from mmcmae_jax.progress import say
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -130,8 +131,8 @@ def records_path(c, name: str = "config.data") -> str:
     if c.path:
         return c.path
     check_path_given(c, name)
-    print(f"[data] {name}.path is empty: reading the procedural rooms ({c.procedural_frames} frames at "
-          f"{c.procedural_size} px, style {c.procedural_style}, in {c.procedural_dir})", flush=True)
+    say("data", f"{name}.path is empty: reading the procedural rooms ({c.procedural_frames} frames at "
+                f"{c.procedural_size} px, style {c.procedural_style}, in {c.procedural_dir})")
     return procedural.ensure_procedural_dataset(
         c.procedural_dir,
         c.procedural_frames,

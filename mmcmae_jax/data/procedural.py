@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from mmcmae_jax.data import depth_units, records, schema
+from mmcmae_jax.progress import say
 
 CLASS_NAMES = ("floor", "wall", "ceiling", "table", "chair", "cabinet", "box", "lamp", "picture")
 CLASS_SET = "procedural"
@@ -1286,8 +1287,8 @@ def ensure_procedural_dataset(
             return list(meta["shards"])
         # Another run may still read the set that is replaced here: say so, with what changed.
         changed = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
-        print(f"[data] replacing the procedural set in {out_dir} ({changed or 'shards missing'}); give each "
-              f"set its own procedural_dir to keep both", flush=True)
+        say("data", f"replacing the procedural set in {out_dir} ({changed or 'shards missing'}); give each "
+                    f"set its own procedural_dir to keep both")
     return write_procedural_dataset(
         out_dir, num_frames, image_size, seed, num_shards, format, depth_noise, prefix=prefix, style=style,
         overwrite=True,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from mmcmae_jax.errors import CheckpointError, ConfigError
+from mmcmae_jax.progress import say
 from mmcmae_jax.run.mismatch import check_encoder_fits
 from mmcmae_jax.run.workdir import load_params, read_config
 
@@ -21,9 +22,8 @@ def pretraining_start(config, objective, name: str = "stage2"):
                          "work directory (or set config.objective.weights.distill=0)")
     if stage2 and not config.init_from and not config.init_from_mae:
         # Right for the baselines (MAE, MultiMAE-, Mask3D-style), wrong for M3 and its ablations: say so.
-        print(f"[{name}] the encoders start from random weights: config.init_from and config.init_from_mae "
-              "are empty (M3's stage 2 and its ablations start from stage 1: --config.init_from=W/stage1)",
-              flush=True)
+        say(name, "the encoders start from random weights: config.init_from and config.init_from_mae are "
+                  "empty (M3's stage 2 and its ablations start from stage 1: --config.init_from=W/stage1)")
     stage1 = None
     if stage2 and config.init_from:
         try:
@@ -131,7 +131,8 @@ def check_input_paths(config, name: str = "config") -> None:
     (config.stage2 in a two-stage run). Paths in a bucket (gs://) are left to their readers."""
     from mmcmae_jax.data.config import check_path_given
     from mmcmae_jax.data.records import expand_paths
-    fields = ["data"] + (["eval_data"] if "eval_data" in config and config.get("eval", {}).get("at_end") else [])
+    evaluates = config.get("eval", {}).get("at_end") or config.get("eval_every")  # at the end, or as it goes
+    fields = ["data"] + (["eval_data"] if "eval_data" in config and evaluates else [])
     for field in fields:  # an empty path first: it says which config needs which records
         check_path_given(config[field], f"{name}.{field}")
     for field in fields:

@@ -1,5 +1,9 @@
-"""Where training reports go: the terminal (progress with time left), TensorBoard event files
-(tensorboardX, no TensorFlow), and `metrics.jsonl` for scripts. Only process 0 writes."""
+"""Where training reports go: the terminal (time-stamped progress with time left), TensorBoard event files
+(tensorboardX, no TensorFlow), and `metrics.jsonl` for scripts. Only process 0 writes.
+
+Evaluation results of a run (fine-tuning's periodic and final evaluations) go to the same places under
+the stage `<name>_eval` (`evaluation_stage`): lines {"stage": "finetune_eval", "step": N, "abs_rel": ...}
+in metrics.jsonl, tags `finetune_eval/abs_rel` in TensorBoard."""
 from __future__ import annotations
 
 import json
@@ -10,13 +14,17 @@ import time
 import jax
 import numpy as np
 
+from mmcmae_jax.progress import format_duration, say
+
 log = logging.getLogger(__name__)
 
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+def evaluation_stage(name: str) -> str:
+    """The stage under which the evaluations of run stage `name` are logged."""
+    return f"{name}_eval"
 
 
 TRIVIAL_SUFFIX = "_trivial"  # `<term>_trivial`: what a trivial prediction scores on the batch (losses.py)
@@ -48,42 +56,76 @@ class MetricWriter:
     def __init__(self, workdir: str, name: str, total_steps: int):
         self.workdir, self.name, self.total_steps = workdir, name, total_steps
         self.enabled = jax.process_index() == 0
+        # (perf_counter, step) at the end of this process's first step, which compiles the train step:
+        # step times are measured from there, so compilation counts neither in img/s nor in the time left.
+        self._timed_from = None
         self._last_time, self._last_step = None, None
+        self._aside = 0.0  # seconds since the last logged step spent on pictures and evaluations
         self.tensorboard = self.jsonl = None
 
     def start(self, step: int):
         """Open the outputs for a run (re)starting at `step`: what an earlier, interrupted run logged
-        after that step is dropped first (it is logged again), so that each step is held once."""
-        self._last_time, self._last_step = time.perf_counter(), step
+        after that step (training and evaluation lines) is dropped first (it is logged again), so that
+        each step is held once."""
+        self._timed_from, self._last_time, self._last_step, self._aside = None, None, step, 0.0
         if not self.enabled:
             return
         from tensorboardX import SummaryWriter
         os.makedirs(self.workdir, exist_ok=True)
-        tensorboard_dir = os.path.join(self.workdir, "tensorboard")
-        forget_jsonl_after(os.path.join(self.workdir, "metrics.jsonl"), self.name, step)
-        forget_events_after(tensorboard_dir, step)
-        self.tensorboard = SummaryWriter(tensorboard_dir)
-        self.jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
+        stages = (self.name, evaluation_stage(self.name))
+        forget_jsonl(os.path.join(self.workdir, METRICS_FILE),
+                     lambda record: record.get("stage") in stages and record.get("step", 0) > step)
+        forget_events(os.path.join(self.workdir, TENSORBOARD_DIR), lambda event: event.step > step)
+        self.tensorboard = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR))
+        self.jsonl = open(os.path.join(self.workdir, METRICS_FILE), "a", encoding="utf-8")
+
+    def first_step_done(self, step: int):
+        """Called once the first step of this process (`step`) has finished on the device: the step
+        time is measured from now on."""
+        now = time.perf_counter()
+        self._timed_from = (now, step)
+        self._last_time, self._last_step = now, step
+
+    def seconds_per_step(self) -> float | None:
+        """The mean time of the steps since the first one (compilation excluded), or None before the
+        second step has been logged."""
+        if self._timed_from is None or self._last_step <= self._timed_from[1]:
+            return None
+        return (self._last_time - self._timed_from[0]) / (self._last_step - self._timed_from[1])
 
     def write(self, step: int, metrics: dict, images_per_step: int) -> dict:
-        """Log scalars for `step`; adds images/s and time left measured since the previous call."""
+        """Log scalars for `step`; adds images/s since the previous call (time `set_aside` left out), and
+        the time left from the mean step time since the first step (that time in: it recurs). Both are
+        left out until a step after the first is logged."""
         now = time.perf_counter()
-        steps = step - self._last_step
-        seconds_per_step = (now - self._last_time) / max(steps, 1)
-        self._last_time, self._last_step = now, step
         scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
-        scalars["images_per_s"] = images_per_step / seconds_per_step if steps else 0.0
+        if self._timed_from is not None and step > self._last_step:
+            training = max(now - self._last_time - self._aside, 1e-9)
+            scalars["images_per_s"] = images_per_step * (step - self._last_step) / training
+            self._last_time, self._last_step, self._aside = now, step, 0.0
         if self.enabled:
             for key, value in scalars.items():
                 self.tensorboard.add_scalar(f"{self.name}/{key}", value, step)
             self.jsonl.write(json.dumps({"stage": self.name, "step": step, **scalars}) + "\n")
             self.jsonl.flush()
-            losses = terminal_losses(scalars)
-            eta = format_duration(seconds_per_step * (self.total_steps - step))
-            print(f"[{self.name}] step {step}/{self.total_steps} | {losses} | grad_norm {scalars.get('grad_norm', 0):.3f}"
-                  f" | lr {scalars.get('learning_rate', 0):.2e} | {scalars['images_per_s']:.1f} img/s | eta {eta}",
-                  flush=True)
+            seconds_per_step = self.seconds_per_step()
+            speed = "img/s -- | eta -- (timed from the next logged step: the first one compiles)"
+            if seconds_per_step is not None:
+                speed = (f"{scalars['images_per_s']:.1f} img/s | "
+                         f"eta {format_duration(seconds_per_step * (self.total_steps - step))}")
+            say(self.name, f"step {step}/{self.total_steps} | {terminal_losses(scalars)} | grad_norm "
+                           f"{scalars.get('grad_norm', 0):.3f} | lr {scalars.get('learning_rate', 0):.2e} | {speed}")
         return scalars
+
+    def set_aside(self, seconds: float):
+        """`seconds` of the current step went to other work than training (pictures, evaluations): the
+        next images/s leaves them out."""
+        self._aside += seconds
+
+    def write_evaluation(self, step: int, scalars: dict):
+        """Log evaluation results of `step` (a flat dict of numbers) under `evaluation_stage`."""
+        if self.enabled:
+            _write_evaluation(self.tensorboard, self.jsonl, evaluation_stage(self.name), step, scalars)
 
     def write_image(self, step: int, tag: str, image: np.ndarray, png_path: str | None = None):
         if not self.enabled:
@@ -107,8 +149,37 @@ def _replace_file(path: str, write) -> None:
     os.replace(temporary, path)
 
 
-def forget_jsonl_after(path: str, name: str, step: int) -> None:
-    """Drop the lines of stage `name` after `step` from metrics.jsonl, and a line cut off by a kill."""
+def _write_evaluation(tensorboard, jsonl, stage: str, step: int, scalars: dict):
+    scalars = {k: float(v) for k, v in scalars.items()}
+    for key, value in scalars.items():
+        tensorboard.add_scalar(f"{stage}/{key}", value, step)
+    jsonl.write(json.dumps({"stage": stage, "step": step, **scalars}) + "\n")
+    jsonl.flush()
+
+
+def record_evaluation(workdir: str, name: str, step: int, scalars: dict) -> None:
+    """Add the evaluation of `step` of run stage `name` to metrics.jsonl and TensorBoard after the run
+    (its writer closed), once: an evaluation of the same step logged before (the finished run's command
+    run again) is replaced. Process 0 only, as the writer."""
+    if jax.process_index() != 0:
+        return
+    from tensorboardX import SummaryWriter
+    stage = evaluation_stage(name)
+    path = os.path.join(workdir, METRICS_FILE)
+    tensorboard_dir = os.path.join(workdir, TENSORBOARD_DIR)
+    forget_jsonl(path, lambda record: record.get("stage") == stage and record.get("step") == step)
+    forget_events(tensorboard_dir, lambda event: event.step == step and any(
+        value.tag.startswith(stage + "/") for value in event.summary.value))
+    tensorboard = SummaryWriter(tensorboard_dir)
+    try:
+        with open(path, "a", encoding="utf-8") as jsonl:
+            _write_evaluation(tensorboard, jsonl, stage, step, scalars)
+    finally:
+        tensorboard.close()
+
+
+def forget_jsonl(path: str, drop) -> None:
+    """Drop the lines of metrics.jsonl whose record `drop(record)` is true, and a line cut off by a kill."""
     if not os.path.exists(path):
         return
     with open(path, encoding="utf-8") as f:
@@ -119,7 +190,7 @@ def forget_jsonl_after(path: str, name: str, step: int) -> None:
             record = json.loads(line)
         except ValueError:
             continue  # the last line of a run killed while writing it
-        if not (record.get("stage") == name and record.get("step", 0) > step):
+        if not drop(record):
             kept.append(line if line.endswith("\n") else line + "\n")
     if len(kept) != len(lines):
         def write(temporary):
@@ -128,9 +199,9 @@ def forget_jsonl_after(path: str, name: str, step: int) -> None:
         _replace_file(path, write)
 
 
-def forget_events_after(directory: str, step: int) -> None:
-    """Drop the events after `step` from the TensorBoard event files in `directory` (each run writes a new
-    file; a resumed one would otherwise show the steps after its checkpoint twice)."""
+def forget_events(directory: str, drop) -> None:
+    """Drop the events for which `drop(event)` is true from the TensorBoard event files in `directory`
+    (each run writes a new file; a resumed one would otherwise show the steps after its checkpoint twice)."""
     if not os.path.isdir(directory):
         return
     from tensorboardX.proto.event_pb2 import Event
@@ -146,7 +217,7 @@ def forget_events_after(directory: str, step: int) -> None:
                 records.append(data)
         except RecordError:
             torn = True  # a record cut off by a kill: the ones before it are kept
-        kept = [data for data in records if Event.FromString(data).step <= step]
+        kept = [data for data in records if not drop(Event.FromString(data))]
         if len(kept) == len(records) and not torn:
             continue
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import time
 from typing import Callable, Iterator
 
 import jax
@@ -20,6 +21,7 @@ import optax
 
 from mmcmae_jax.errors import NonFiniteError
 from mmcmae_jax.objectives import Objective
+from mmcmae_jax.progress import say
 from mmcmae_jax.train import sharding
 from mmcmae_jax.train.checkpoint import Checkpointer, PreemptionFlag
 from mmcmae_jax.train.metrics import MetricWriter
@@ -34,6 +36,9 @@ class TrainResult:
     metrics: dict          # the last logged scalars
     history: list          # every logged scalars dict, in order
     preempted: bool = False
+    first_step: int = 0    # the step this call started from (> 0 when it resumed)
+    seconds: float = 0.0   # wall time of this call, start-up and compilation included
+    seconds_per_step: float | None = None  # mean step time after the first (compiling) step; None: too few
 
 
 def make_train_step(objective: Objective, optimizer, schedule, state_sharding, frozen_sharding, mesh):
@@ -121,16 +126,21 @@ def make_trainer_optimizer(config: ml_collections.ConfigDict, update_scale: Call
 
 def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterator, objective: Objective,
           name: str = "train", images_fn: Callable | None = None, frozen: dict | None = None,
-          initial_params: Callable | None = None, update_scale: Callable | None = None) -> TrainResult:
+          initial_params: Callable | None = None, update_scale: Callable | None = None,
+          evaluate_fn: Callable | None = None) -> TrainResult:
     """Train `objective` for config.total_steps, resuming from `workdir` if it holds checkpoints.
 
     data_iterator: yields per-process batches (dicts of NumPy arrays); has get_state()/set_state().
     images_fn(step, params, global_batch, writer): picture summaries every config.image_every steps.
+    evaluate_fn(step, params) -> {name: number} or None: an evaluation every config.eval_every steps
+      (a fine-tuning field; not at the last step, which the command evaluates after the run), logged
+      to metrics.jsonl and TensorBoard. Called on every process.
     frozen: host arrays the loss reads but never trains (distillation teachers, a frozen encoder).
     initial_params(params) -> params: on a fresh start, replaces parts of the initialised parameters
       (e.g. encoders from a checkpoint) with host arrays; not applied when resuming.
     update_scale(params) -> pytree of floats: per-leaf multipliers of the learning rate (layer decay).
     """
+    started = time.perf_counter()
     mesh = sharding.make_mesh(config.mesh.fsdp)
     global_batch = config.batch_size
     if global_batch % mesh.size:
@@ -163,7 +173,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
                                 abstract_state, state_sharding)
         state, step = checkpointer.restore(abstract, data_iterator)
         log.info("%s: resumed from step %d in %s", name, step, checkpointer.directory)
-        print(f"[{name}] resuming from the checkpoint of step {step}", flush=True)
+        say(name, f"resuming from the checkpoint of step {step}")
         pending_first = None
     else:
         state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(config.seed))
@@ -171,7 +181,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
             state = dict(state, params=replace_params(state["params"], initial_params(state["params"]),
                                                       state_sharding["params"]))
         pending_first = first_batch
-    step = int(state["step"])
+    step = first_step = int(state["step"])
+    eval_every = config.get("eval_every", 0) if evaluate_fn is not None else 0
 
     train_step, initial_watch = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
     seed = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
@@ -189,6 +200,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
             batch = sharding.global_batch({k: local[k] for k in keys}, mesh)
             state, metrics, watch = train_step(state, frozen, batch, seed, watch)
             step += 1
+            if step == first_step + 1:  # the step that compiled: time the run from its end
+                jax.block_until_ready(metrics)
+                writer.first_step_done(step)
             checkpointer.check_saved(step)
             stop = preemption.raised or checkpointer.manager.reached_preemption(step)
             final = step == config.total_steps
@@ -197,14 +211,22 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
                 check_finite(step, watch)
                 last = writer.write(step, jax.device_get(metrics), global_batch)
                 history.append(dict(step=step, **last))
+            aside = time.perf_counter()  # pictures and evaluations: not training, left out of img/s
             if images_fn is not None and config.image_every and (step % config.image_every == 0 or final):
                 images_fn(step, state["params"], batch, writer)
+            if eval_every and step % eval_every == 0 and not (final or stop):
+                check_finite(step, watch)
+                results = evaluate_fn(step, state["params"])
+                if results is not None:
+                    writer.write_evaluation(step, results)
+            writer.set_aside(time.perf_counter() - aside)
             checkpointer.save(step, state, data_iterator, force=stop or final)
             if stop:
-                print(f"[{name}] preempted: checkpoint of step {step} written to {checkpointer.directory}", flush=True)
+                say(name, f"preempted: checkpoint of step {step} written to {checkpointer.directory}")
                 break
         checkpointer.wait()
-        return TrainResult(step, last, history, preempted=step < config.total_steps)
+        return TrainResult(step, last, history, preempted=step < config.total_steps, first_step=first_step,
+                           seconds=time.perf_counter() - started, seconds_per_step=writer.seconds_per_step())
     finally:
         preemption.restore_handler()
         writer.close()

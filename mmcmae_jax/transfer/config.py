@@ -93,6 +93,9 @@ def finetune_config(task: str, num_classes: int = 0) -> ml_collections.ConfigDic
     config.total_steps = 10_000
     config.seed = 0
     config.log_every = 20
+    # Evaluate on eval_data every N steps while training, into metrics.jsonl and TensorBoard (stage
+    # `finetune_eval`); 0 = only the final parameters (eval.at_end).
+    config.eval_every = 0
     config.image_every = 0
     config.checkpoint_every = 1000
     config.keep_checkpoints = 2
@@ -162,6 +165,9 @@ def validate_finetune(config: ml_collections.ConfigDict):
     for field in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
         _check(int(config[field]) == config[field] and config[field] > 0, field,
                f"must be a positive integer, got {config[field]!r}")
+    whole = isinstance(config.eval_every, int) and not isinstance(config.eval_every, bool)
+    _check(whole and config.eval_every >= 0, "eval_every",
+           f"must be a whole number of steps >= 0 (0: evaluate only at the end), got {config.eval_every!r}")
     _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
     from mmcmae_jax.train.optim import make_optimizer
     try:

@@ -69,8 +69,10 @@ def make_eval_step(config: ml_collections.ConfigDict):
     return jax.jit(step)
 
 
-def evaluate(config: ml_collections.ConfigDict, params: dict, data: ml_collections.ConfigDict | None = None) -> dict:
-    """Metrics of `params` (full: encoder and head) over the evaluation set `data` (config.eval_data)."""
+def evaluate(config: ml_collections.ConfigDict, params: dict, data: ml_collections.ConfigDict | None = None,
+             eval_step=None) -> dict:
+    """Metrics of `params` (full: encoder and head) over the evaluation set `data` (config.eval_data).
+    eval_step: a `make_eval_step(config)` to reuse, so that repeated evaluations compile it once."""
     data = config.eval_data if data is None else data
     table = label_table(config)
     devices = jax.local_devices()
@@ -78,7 +80,7 @@ def evaluate(config: ml_collections.ConfigDict, params: dict, data: ml_collectio
     # Each local device takes an equal slice of every batch.
     batch_size = -(-config.eval.batch_size // len(devices)) * len(devices)
     params = jax.device_put(params, sharding.replicated(mesh))
-    step = make_eval_step(config)
+    step = make_eval_step(config) if eval_step is None else eval_step
     totals, frames = None, 0
     for batch, weight in eval_batches(data, config.model.image_size, batch_size):
         if config.task == "segmentation":

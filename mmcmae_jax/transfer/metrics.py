@@ -49,17 +49,27 @@ def eval_crop_mask(size: int, frame_hw=NYU_FRAME_HW, crop=NYU_EIGEN_CROP) -> np.
     return inside_rows[:, None] & inside_cols[None, :]
 
 
+def depth_as_measured(pred: jax.Array, target: jax.Array, *, min_depth: float, max_depth: float,
+                      crop_mask: jax.Array | None = None):
+    """(pred, target, counted) of a batch as the depth metrics see them, each (B, H*W): the prediction
+    clipped to [min_depth, max_depth], and the pixels that count (min_depth < target < max_depth, inside
+    `crop_mask`). Figures of predictions and errors draw these, so that they show what the metrics measure."""
+    batch = pred.shape[0]
+    pred = jnp.clip(pred.reshape(batch, -1).astype(jnp.float32), min_depth, max_depth)
+    target = target.reshape(batch, -1).astype(jnp.float32)
+    counted = (target > min_depth) & (target < max_depth)
+    if crop_mask is not None:
+        counted = counted & jnp.asarray(crop_mask, bool).reshape(1, -1)
+    return pred, target, counted
+
+
 def depth_metric_sums(pred: jax.Array, target: jax.Array, weight: jax.Array, *, min_depth: float,
                       max_depth: float, crop_mask: jax.Array | None = None) -> dict:
     """Sums for one batch. pred, target (B, H, W[, 1]) metres (target 0 = not measured);
     weight (B,) 1 for a real frame, 0 for padding. Returns {"pixel_<term>", "image_<metric>",
     "pixels", "images"} as float32 scalars, to be added up over batches."""
-    batch = pred.shape[0]
-    pred = jnp.clip(pred.reshape(batch, -1).astype(jnp.float32), min_depth, max_depth)
-    target = target.reshape(batch, -1).astype(jnp.float32)
-    valid = (target > min_depth) & (target < max_depth)
-    if crop_mask is not None:
-        valid = valid & jnp.asarray(crop_mask, bool).reshape(1, -1)
+    pred, target, valid = depth_as_measured(pred, target, min_depth=min_depth, max_depth=max_depth,
+                                            crop_mask=crop_mask)
     valid = valid.astype(jnp.float32) * weight.astype(jnp.float32)[:, None]
     gt = jnp.where(valid > 0, target, 1.0)  # any positive value: masked out below, keeps logs finite
     ratio = jnp.maximum(pred / gt, gt / pred)
@@ -100,6 +110,19 @@ def depth_metrics(totals: dict, average: str = "image") -> dict:
         out["rmse_log"] = float(np.sqrt(float(totals["pixel_sq_log_err"]) / count))
         return {k: out[k] for k in DEPTH_METRICS}
     raise ValueError(f"depth metric average must be 'image' or 'pixel', got {average!r}")
+
+
+def per_image_depth_metrics(pred, target, *, min_depth: float, max_depth: float, crop_mask=None) -> list:
+    """The depth metrics of each image of a batch on its own (`depth_metrics` of that image's sums; None
+    for an image with no counted pixel), for tables and figures of single frames that must agree with
+    the evaluation's numbers."""
+    pred, target = np.asarray(pred), np.asarray(target)
+    out = []
+    for i in range(len(pred)):
+        sums = jax.device_get(depth_metric_sums(pred[i:i + 1], target[i:i + 1], np.ones(1, np.float32),
+                                                min_depth=min_depth, max_depth=max_depth, crop_mask=crop_mask))
+        out.append(depth_metrics(sums) if sums["images"] > 0 else None)  # None: no pixel of it counts
+    return out
 
 
 def confusion_matrix(pred: jax.Array, labels: jax.Array, weight: jax.Array, num_classes: int,

@@ -38,7 +38,8 @@ parallel processes on one work directory (`--seeds 1`, `--seeds 2`); a run being
 process is refused by the others.
 
 Every run is a work directory under WORKDIR; re-running skips what is finished and resumes what is not
-(the trainer resumes from its checkpoints). WORKDIR keeps the settings it was made with and refuses
+(the trainer resumes from its checkpoints). `--report-only` trains nothing and reports the runs read
+out so far: each arm over the seeds it has finished, each claim over the seeds both arms have. WORKDIR keeps the settings it was made with and refuses
 others. The report goes to WORKDIR/results.md and results.json.
 """
 from __future__ import annotations
@@ -94,6 +95,7 @@ CLAIMS = (
     ("m3", "multimae", "M3 beats MultiMAE-style"),
     ("m3", "mask3d", "M3 beats Mask3D-style"),
     ("m3", "contrastive", "M3 beats the contrastive stage alone at equal compute"),
+    ("m3", "stage1", "M3's stage 2 adds to its stage 1"),
     ("recon", "stage1", "reconstruction adds to stage 1"),
     ("distill", "recon", "distillation adds to reconstruction"),
     ("denoise", "recon", "denoising adds to reconstruction"),
@@ -258,13 +260,25 @@ def run_lock(workdir: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def stage_workdir(arm: str, stage: int, seed: int, root: str) -> str:
+    """Where one stage of an arm trains: the shared stage-1 run of the arms that start from it, else the
+    arm's own directory."""
+    shared = stage == 1 and ARMS[arm][2]
+    return os.path.join(root, f"seed{seed}", "pretrain", "stage1" if shared else arm)
+
+
+def encoder_workdir(plan: dict, arm: str, seed: int, root: str) -> str:
+    """The work directory whose RGB encoder an arm is read out from ("" for scratch)."""
+    return stage_workdir(arm, plan[arm][-1][0], seed, root) if plan[arm] else ""
+
+
 def run_pretraining(s, plan, arm, seed, root, data_path, log) -> str:
     """Pre-train one arm for one seed (or find it finished); returns its encoder's work directory."""
     from mmcmae_jax import pretrain
     previous = ""
     for stage, key, steps in plan[arm]:
         shared = stage == 1 and ARMS[arm][2]
-        workdir = os.path.join(root, f"seed{seed}", "pretrain", "stage1" if shared else arm)
+        workdir = stage_workdir(arm, stage, seed, root)
         done = os.path.join(workdir, "done.json")
         if not os.path.exists(done):
             # An arm's changes are to its own stage; a shared stage-1 run is M3's as it is.
@@ -359,6 +373,12 @@ def values(results: dict, arm: str, readout: str, task: str, key: str, seeds) ->
     return np.array([results[str(seed)][arm][readout][task][key] for seed in seeds])
 
 
+def seeds_with(results: dict, arms, seeds) -> list:
+    """The seeds for which every one of `arms` has results (all seeds, unless --report-only met
+    unfinished runs): comparisons are paired over these."""
+    return [seed for seed in seeds if all(arm in results.get(str(seed), {}) for arm in arms)]
+
+
 def spread(a: np.ndarray, b: np.ndarray) -> float:
     """The seed-to-seed spread of a comparison: the larger sample standard deviation of the two arms."""
     return float(max(np.std(a, ddof=1), np.std(b, ddof=1))) if len(a) > 1 else float("nan")
@@ -375,18 +395,21 @@ def verdict(better: np.ndarray, worse: np.ndarray, higher_is_better: bool) -> tu
 
 
 def report(results: dict, blind: dict, arms, readouts, seeds, plan, flops, pretrain_log: dict, s: dict) -> str:
-    lines = [f"Settings: {json.dumps(s)}", "", f"Seeds {list(seeds)}; cells are mean ± sample std over seeds.", ""]
+    lines = [f"Settings: {json.dumps(s)}", "", f"Seeds {list(seeds)}; cells are mean ± sample std over the seeds "
+             "an arm has finished (column 'seeds').", ""]
+    arms = [arm for arm in arms if seeds_with(results, [arm], seeds)]
     for readout in readouts:
         lines += [f"### Read-out: {'frozen-feature linear probe' if readout == 'probe' else 'fine-tuning, linear head'}",
-                  "", "| arm | " + " | ".join(f"{label} {'↑' if up else '↓'}" for _, _, label, up in METRICS) + " |",
-                  "|---" * (1 + len(METRICS)) + "|",
-                  "| *image-blind* | " + " | ".join(f"{blind[t][k]:.3f}" for t, k, _, _ in METRICS) + " |"]
+                  "", "| arm | seeds | " + " | ".join(f"{label} {'↑' if up else '↓'}" for _, _, label, up in METRICS)
+                  + " |", "|---" * (2 + len(METRICS)) + "|",
+                  "| *image-blind* | | " + " | ".join(f"{blind[t][k]:.3f}" for t, k, _, _ in METRICS) + " |"]
         for arm in arms:
+            done = seeds_with(results, [arm], seeds)
             cells = []
             for task, key, _, _ in METRICS:
-                v = values(results, arm, readout, task, key, seeds)
+                v = values(results, arm, readout, task, key, done)
                 cells.append(f"{v.mean():.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
-            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+            lines.append(f"| {arm} | {len(done)} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["### Pre-training", "", f"| arm | steps | TFLOPs | final losses, value / trivial (seed {seeds[0]}) |",
               "|---|---|---|---|"]
@@ -400,18 +423,19 @@ def report(results: dict, blind: dict, arms, readouts, seeds, plan, flops, pretr
                          for k, v in losses.items() if k.endswith("_other_frame"))
         lines.append(f"| {arm} | {steps} | {tflops:.2f} | {shown or '-'} |")
     lines += ["", "### Claims (gain > 0: the first arm is better; holds: gain > 3 x spread)", "",
-              "| claim | read-out | " + " | ".join(label for _, _, label, _ in METRICS) + " |",
-              "|---|---|" + "---|" * len(METRICS)]
+              "| claim | read-out | seeds | " + " | ".join(label for _, _, label, _ in METRICS) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
     for better, worse, text in CLAIMS:
-        if better not in arms or worse not in arms:
+        paired = seeds_with(results, [better, worse], seeds)
+        if better not in arms or worse not in arms or not paired:
             continue
         for readout in readouts:
             cells = []
             for task, key, _, up in METRICS:
-                gain, noise, word = verdict(values(results, better, readout, task, key, seeds),
-                                            values(results, worse, readout, task, key, seeds), up)
+                gain, noise, word = verdict(values(results, better, readout, task, key, paired),
+                                            values(results, worse, readout, task, key, paired), up)
                 cells.append(f"{gain:+.3f} (±{noise:.3f}) {word}")
-            lines.append(f"| {text} ({better} vs {worse}) | {readout} | " + " | ".join(cells) + " |")
+            lines.append(f"| {text} ({better} vs {worse}) | {readout} | {len(paired)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -425,6 +449,8 @@ def main():
     parser.add_argument("--no-finetune", action="store_true", help="probes only")
     parser.add_argument("--stage-steps", type=int, default=STAGE_STEPS,
                         help="M3's steps per stage, which set every arm's pre-training compute (default %(default)s)")
+    parser.add_argument("--report-only", action="store_true", help="train nothing: the report of the runs "
+                        "already read out (while others are still training, or after some were stopped)")
     parser.add_argument("--describe-data", action="store_true", help="print the sets' class shares and the "
                         "image-blind predictor, then stop")
     args = parser.parse_args()
@@ -461,10 +487,16 @@ def main():
     for seed in seeds:
         results[str(seed)] = {}
         for arm in arms:
-            encoder_dir = run_pretraining(s, plan, arm, seed, args.workdir, sets["pretrain"], log)
+            out_dir = os.path.join(args.workdir, f"seed{seed}", "readout", arm)
+            if args.report_only:
+                if not all(os.path.exists(os.path.join(out_dir, f"{r}.json")) for r in readouts):
+                    log(f"{arm} seed {seed}: not read out yet, left out of the report")
+                    continue
+                encoder_dir = encoder_workdir(plan, arm, seed, args.workdir)
+            else:
+                encoder_dir = run_pretraining(s, plan, arm, seed, args.workdir, sets["pretrain"], log)
             if seed == seeds[0] and encoder_dir:
                 pretrain_log[arm] = final_losses(encoder_dir)
-            out_dir = os.path.join(args.workdir, f"seed{seed}", "readout", arm)
             arm_results = {"probe": cached(os.path.join(out_dir, "probe.json"),
                                            lambda: probe_readout(s, encoder_dir, seed, data))}
             if "finetune" in readouts:
@@ -477,7 +509,8 @@ def main():
 
     text = report(results, data["blind"], arms, readouts, seeds, plan, flops, pretrain_log, s)
     total = time.perf_counter() - started
-    text = f"Total wall time {total / 60:.1f} min.\n\n" + text
+    text = ("Report of the finished runs (--report-only).\n\n" if args.report_only
+            else f"Total wall time {total / 60:.1f} min.\n\n") + text
     with open(os.path.join(args.workdir, "results.md"), "w", encoding="utf-8") as f:
         f.write(text)
     with open(os.path.join(args.workdir, "results.json"), "w", encoding="utf-8") as f:

@@ -154,6 +154,25 @@ def test_study_verdict_needs_three_spreads_and_respects_each_metrics_direction()
     assert study.verdict(scratch[:1] + 1, scratch[:1], True)[2] == "one seed: no spread"
 
 
+def test_study_report_pairs_each_claim_over_the_seeds_both_arms_finished():
+    """--report-only meets arms with fewer seeds: each row says how many, and a claim is read over the
+    seeds both of its arms have (here one: no spread, so no verdict)."""
+    import pretraining_study as study
+    metrics = {"depth": {"delta1": 0.3, "abs_rel": 0.5, "rmse": 0.7},
+               "segmentation": {"miou": 0.2, "object_miou": 0.1, "pixel_acc": 0.6}}
+
+    def shifted(by):
+        return {"probe": {task: {k: v + by for k, v in m.items()} for task, m in metrics.items()}}
+    results = {"0": {"scratch": shifted(0.0), "mae": shifted(0.05)}, "1": {"scratch": shifted(0.01)},
+               "2": {"scratch": shifted(-0.01)}}
+    blind = metrics
+    plan = {"scratch": [], "mae": [(2, "mae", 10)]}
+    text = study.report(results, blind, ("scratch", "mae"), ("probe",), (0, 1, 2), plan, {"mae": 1e12}, {}, {})
+    assert "| scratch | 3 | 0.300 ± 0.010 |" in text and "| mae | 1 | 0.350 ± 0.000 |" in text
+    claim = next(line for line in text.splitlines() if line.startswith("| positive control: MAE"))
+    assert "| probe | 1 | +0.050 (±nan) one seed: no spread |" in claim
+
+
 def test_object_miou_leaves_out_floor_wall_and_ceiling():
     from mmcmae_jax.transfer.probe import with_object_miou
     seg = {"miou": 0.5, "per_class_iou": {"floor": 0.9, "wall": 0.8, "ceiling": None, "table": 0.2, "chair": 0.4,

@@ -3,6 +3,7 @@ when it differs from the record, is named; the results record where each came fr
 step; an existing results file is not replaced without --overwrite (issue 20, item 5)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -65,6 +66,8 @@ def test_evaluate_takes_the_run_model_and_keeps_an_earlier_result(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     assert (f"evaluating step 3 of {workdir}: depth, 64x2x2/8 at 32 px (sincos positions), dpt head; "
             f"task, model and head from {config_json}") in run.stdout
+    started = next(line for line in run.stdout.splitlines() if "evaluating step 3 of" in line)
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \[evaluate\] evaluating step 3 of ", started), started
     notice = next(line for line in run.stdout.splitlines() if line.startswith("notice:"))
     assert notice.startswith(f"notice: {config_json}, not the config file, gives ")
     for replaced in ("model.variant='64x2x2/8' (file: '128x4x4/8')", "model.image_size=32 (file: 64)",

@@ -111,8 +111,9 @@ def _check_position_table(config, weights: dict, prefix: str, name: str) -> None
     if config.model.pos_embed != "sincos" or "pos_embed" not in weights:
         return  # a learned-table encoder takes the table over (resampled where the grid differs)
     if config.init_from_mae_drop_learned_pos_embed:
-        print(f"[{name}] config.{prefix}init_from_mae_drop_learned_pos_embed=True: the position table of "
-              f"{config.init_from_mae} is not used; the encoders keep their sin-cos positions", flush=True)
+        from mmcmae_jax.progress import say
+        say(name, f"config.{prefix}init_from_mae_drop_learned_pos_embed=True: the position table of "
+            f"{config.init_from_mae} is not used; the encoders keep their sin-cos positions")
         return
     where = f"config.{prefix}init_from_mae={config.init_from_mae!r}"
     try:

@@ -203,9 +203,10 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | N
                           "it, or --out FILE to write elsewhere")
     params, step = load_params(workdir, step)
     model = config.model
-    print(f"evaluating step {step} of {os.path.abspath(workdir)}: {config.task}, {model.variant} at "
-          f"{model.image_size} px ({model.pos_embed} positions), {config.head.kind} head"
-          + (f"; {resolution.source()}" if resolution is not None else ""), flush=True)
+    from mmcmae_jax.progress import say
+    say("evaluate", f"evaluating step {step} of {os.path.abspath(workdir)}: {config.task}, {model.variant} at "
+        f"{model.image_size} px ({model.pos_embed} positions), {config.head.kind} head"
+        + (f"; {resolution.source()}" if resolution is not None else ""))
     results = evaluate(config, params)
     results.update(step=step, workdir=os.path.abspath(workdir), eval_data=config.eval_data.path or "procedural",
                    model=config.model.to_dict(), head=config.head.to_dict())
@@ -213,8 +214,7 @@ def evaluate_workdir(config, workdir: str, step: int | None = None, out: str | N
         results["resolution"] = resolution.as_json()
     write_results(results, out)
     print(format_results(results), flush=True)
-    print(f"results of step {step} written to {out}" + (" (it replaced the results there)" if replaces else ""),
-          flush=True)
+    say("evaluate", f"results of step {step} written to {out}" + (" (it replaced the results there)" if replaces else ""))
     return results
 
 

@@ -180,16 +180,25 @@ check_data() {
     die "--data $PROCEDURAL_DATA: the M3 stage configs (configs/m3*.py) train on records; give their location"
   fi
   [[ "${1-}" == here ]] || return 0
+  local given part
+  while IFS=$'\t' read -r given part; do
+    compgen -G "$(absolute "$part")" >/dev/null \
+      || die "$given: nothing at $(absolute "$part") on this machine" \
+        "(a local path must exist before the run is started; gs:// paths are not checked)"
+  done < <(local_data_parts)
+}
+
+# The local paths among the data flags given, one "FLAG=VALUE<tab>PATH" line each. A value may be a
+# comma list of files, directories and globs (the records reader takes all three); the procedural
+# stand-in and URLs (gs://...) are left out: nothing here can check them.
+local_data_parts() {
   local i part parts
   for ((i = 0; i < ${#DATA_GIVEN[@]}; i += 2)); do
     [[ "${DATA_GIVEN[i]}" != --data || "${DATA_GIVEN[i + 1]}" != "$PROCEDURAL_DATA" ]] || continue
-    # A path may be a comma list of files, directories and globs (the records reader takes all three).
     IFS=, read -r -a parts <<<"${DATA_GIVEN[i + 1]}"
     for part in "${parts[@]+"${parts[@]}"}"; do
       [[ -n "$part" && "$part" != *://* ]] || continue
-      compgen -G "$(absolute "$part")" >/dev/null \
-        || die "${DATA_GIVEN[i]}=${DATA_GIVEN[i + 1]}: nothing at $(absolute "$part") on this machine" \
-          "(a local path must exist before the run is started; gs:// paths are not checked)"
+      printf '%s=%s\t%s\n' "${DATA_GIVEN[i]}" "${DATA_GIVEN[i + 1]}" "$part"
     done
   done
 }

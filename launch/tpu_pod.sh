@@ -204,17 +204,12 @@ LOCATION=(--zone "$ZONE")
 # Shell lines that stop a worker whose disk lacks a local data path of the run (copy-data puts it
 # there), before anything starts on any worker's behalf. Run from the repository, as the trainer is.
 worker_data_check() {
-  local i part parts
-  for ((i = 0; i < ${#DATA_GIVEN[@]}; i += 2)); do
-    [[ "${DATA_GIVEN[i]}" != --data || "${DATA_GIVEN[i + 1]}" != "$PROCEDURAL_DATA" ]] || continue
-    IFS=, read -r -a parts <<<"${DATA_GIVEN[i + 1]}"
-    for part in "${parts[@]+"${parts[@]}"}"; do
-      [[ -n "$part" && "$part" != *://* ]] || continue
-      # shellcheck disable=SC2016 # $(hostname) is for the worker's shell to expand
-      printf 'compgen -G %s >/dev/null || { echo "worker $(hostname):" %s >&2; exit 2; }\n' "$(quote_word "$part")" \
-        "$(quote_word "${DATA_GIVEN[i]}=${DATA_GIVEN[i + 1]}: nothing at $part on this worker (tpu_pod.sh copy-data puts data there)")"
-    done
-  done
+  local given part
+  while IFS=$'\t' read -r given part; do
+    # shellcheck disable=SC2016 # $(hostname) is for the worker's shell to expand
+    printf 'compgen -G %s >/dev/null || { echo "worker $(hostname):" %s >&2; exit 2; }\n' "$(quote_word "$part")" \
+      "$(quote_word "$given: nothing at $part on this worker (tpu_pod.sh copy-data puts data there)")"
+  done < <(local_data_parts)
 }
 
 on_workers() { # WORKERS SCRIPT: run SCRIPT with bash on the given workers ("all" or a number)

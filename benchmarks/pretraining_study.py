@@ -41,8 +41,9 @@ process is refused by the others.
 
 Every run is a work directory under WORKDIR; re-running skips what is finished and resumes what is not
 (the trainer resumes from its checkpoints). `--report-only` trains nothing and reports the runs read
-out so far: each arm over the seeds it has finished, each claim over the seeds both arms have. WORKDIR keeps the settings it was made with and refuses
-others. The report goes to WORKDIR/results.md and results.json.
+out so far: each arm over the seeds it has finished, each claim over the seeds both arms have. WORKDIR
+keeps the settings it was made with and refuses others. The report goes to WORKDIR/results.md and
+results.json.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ class Checkpointer:
         )
         self._pending = None  # the step of a save still being written in the background
         self._failed = False
+        self._failed_step = None
         _quiet_orbax_tracebacks()
 
     def latest_step(self):
@@ -75,10 +76,8 @@ class Checkpointer:
             self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001 -- the failure being reported
             pass
-        if jax.process_index() == 0:
-            for name in os.listdir(self.directory):
-                if name.startswith(f"{saved_step}.") and "orbax-checkpoint-tmp" in name:
-                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        self._failed_step = saved_step
+        self._remove_temporary_folder()
         intact = [s for s in self.manager.all_steps() if s != saved_step]
         resume = f"it resumes from step {max(intact)}" if intact else "it starts again from step 0"
         raise CheckpointError(f"the checkpoint of step {saved_step} could not be written to {self.directory} "
@@ -130,12 +129,23 @@ class Checkpointer:
         except Exception as err:  # noqa: BLE001
             self._fail(pending if pending is not None else -1, pending or 0, err)
 
+    def _remove_temporary_folder(self):
+        if jax.process_index() != 0:
+            return
+        for name in os.listdir(self.directory):
+            if name.startswith(f"{self._failed_step}.") and "orbax-checkpoint-tmp" in name:
+                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
     def close(self):
         try:
             self.manager.close()
         except Exception:  # noqa: BLE001 -- a failed save reported already raises again here
             if not self._failed:
                 raise
+        if self._failed:
+            # Once the manager's threads have all ended: one still writing when the error was raised
+            # can recreate the temporary folder after `_fail` removed it.
+            self._remove_temporary_folder()
 
 
 class _DropOrbaxTracebacks(logging.Filter):

@@ -6,7 +6,7 @@ It writes 2,000 procedural frames at 64 px to /tmp/mmcmae_jax_procedural_demo (o
 (patch contrastive) in /tmp/m3_demo/stage1, then stage 2 (masked depth + denoising + distillation of
 stage 1) in /tmp/m3_demo/stage2: checkpoints, metrics.jsonl, TensorBoard events, and picture grids in
 stage2/images/. Re-running resumes or, when finished, returns at once.
-Preset "smoke" runs a few steps of each stage (used by the tests).
+Preset "smoke" runs a few steps of each stage on a tiny model (used by the tests).
 Expected time and result: see README ("The demo"), measured with the command above.
 """
 from mmcmae_jax.config import training_config, two_stage_config
@@ -24,7 +24,9 @@ def stage(number: int, steps: int, smoke: bool):
     config.checkpoint_every = max(steps // 4, 1)
     config.data.update(procedural_dir="/tmp/mmcmae_jax_procedural_demo", procedural_frames=2000,
                        procedural_size=64, procedural_shards=4, crop_scale=(0.5, 1.0))
-    if smoke:
+    if smoke:  # the tests' tiny model: every code path of the demo, compiled in seconds
+        config.model.update(variant="64x2x2/8", proj_hidden=64, proj_dim=32, decoder_depth=1, decoder_width=32,
+                            decoder_heads=2)
         config.update(batch_size=8, log_every=1, image_every=2, checkpoint_every=2)
         config.data.update(procedural_dir="/tmp/mmcmae_jax_procedural_smoke", procedural_frames=64)
     return config

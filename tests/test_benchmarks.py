@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmcmae_jax.config import OBJECTIVES, training_config
+from mmcmae_jax.config import training_config
 from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.train.cost import compiled_flops, loss_and_grad_flops
+from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCHMARKS = os.path.join(ROOT, "benchmarks")
@@ -23,12 +24,7 @@ needs_torch = pytest.mark.skipif(importlib.util.find_spec("torch") is None or im
 
 
 def tiny_objective(stage, name="m3"):
-    config = training_config(stage)
-    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32, decoder_depth=1,
-                        decoder_width=32, decoder_heads=2)
-    change = dict(OBJECTIVES[name])
-    config.objective.weights.update(change.pop("weights", {}))
-    config.objective.update(change)
+    config = tiny_config(stage, name)
     return make_objective(config), tuple(config.objective.inputs)
 
 
@@ -38,6 +34,7 @@ def test_compiled_flops_of_a_matmul_are_2mnk():
     np.testing.assert_allclose(flops, 2 * 64 * 96 * 32, rtol=0.01)
 
 
+@pytest.mark.slow
 @needs_torch
 def test_train_speed_with_bfloat16_matmuls_on_a_tiny_model():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "train_speed.py"), "--cases", "s2-S16-128",
@@ -50,6 +47,7 @@ def test_train_speed_with_bfloat16_matmuls_on_a_tiny_model():
     assert "JAX/eager" in stage2 and "matmul util" in stage2, stage2
 
 
+@pytest.mark.slow
 def test_step_flops_scale_with_the_batch_and_follow_the_work():
     m3, inputs = tiny_objective(2, "m3")
     two, four = loss_and_grad_flops(m3, 2, 32, inputs), loss_and_grad_flops(m3, 4, 32, inputs)
@@ -180,6 +178,7 @@ def test_object_miou_leaves_out_floor_wall_and_ceiling():
     assert np.isclose(with_object_miou(seg)["object_miou"], 0.3)
 
 
+@pytest.mark.slow
 def test_study_fine_tunes_both_tasks_with_the_projects_fine_tuning(tmp_path):
     import pretraining_study as study
     s = study.settings("smoke")
@@ -191,6 +190,7 @@ def test_study_fine_tunes_both_tasks_with_the_projects_fine_tuning(tmp_path):
     assert config["head"]["kind"] == "linear" and config["layer_decay"] == 1.0 and config["init_from"] == ""
 
 
+@pytest.mark.slow
 @needs_torch
 def test_torch_reference_steps_and_masks_like_ours():
     import torch_reference as ref
@@ -215,6 +215,7 @@ def torch_equal(tensor, value):
     return bool((tensor == value).all())
 
 
+@pytest.mark.slow
 @needs_torch
 def test_train_speed_prints_every_figure_on_a_tiny_model():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "train_speed.py"), "--cases", "s1-S16-128",
@@ -229,6 +230,7 @@ def test_train_speed_prints_every_figure_on_a_tiny_model():
     assert any("s1-S16-128" in line and "needs" in line and "cores" in line for line in lines), out.stdout
 
 
+@pytest.mark.slow
 def test_profile_step_splits_the_step_into_its_parts():
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "profile_step.py"), "--variant", "64x2x2/16",
                           "--image-size", "64", "--batch", "2"], capture_output=True, text=True, timeout=600,
@@ -240,6 +242,7 @@ def test_profile_step_splits_the_step_into_its_parts():
         assert part in out.stdout, out.stdout
 
 
+@pytest.mark.slow
 def test_study_runs_end_to_end_on_a_tiny_model(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "pretraining_study.py"), "--workdir",
                           str(tmp_path), "--mode", "smoke", "--arms", "scratch", "mae", "--no-finetune"],

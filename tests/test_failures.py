@@ -13,28 +13,16 @@ import pytest
 from mmcmae_jax.errors import NonFiniteError
 from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.train.trainer import train
+from conftest import random_frames, tiny_trainer_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_MODEL = ["--config.stage1.model.variant=64x2x2/8", "--config.stage1.model.image_size=32",
               "--config.stage1.model.proj_hidden=64", "--config.stage1.model.proj_dim=32"]
 
 
-def tiny_config(total_steps=6, log_every=1, checkpoint_every=2):
-    from mmcmae_jax.config import training_config
-    config = training_config(1)
-    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32)
-    config.update(batch_size=4, total_steps=total_steps, log_every=log_every, checkpoint_every=checkpoint_every,
-                  image_every=0, async_checkpoint=False)
-    config.data.path = "in-memory"
-    return config
-
-
 def batches(nan_at=None):
     def batch(index):
-        rng = np.random.default_rng(index)
-        frames = dict(rgb=rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
-                      depth=rng.normal(size=(4, 32, 32, 1)).astype(np.float32),
-                      depth_valid=np.ones((4, 32, 32, 1), np.float32))
+        frames = random_frames(batch=4, seed=index, valid_fraction=1.0)
         if index == nan_at:
             frames["rgb"][0, 0, 0, 0] = np.nan
         return frames
@@ -42,7 +30,7 @@ def batches(nan_at=None):
 
 
 def test_nonfinite_step_is_named_by_its_own_number_when_it_logs_nothing(tmp_path):
-    config = tiny_config(total_steps=10, log_every=100, checkpoint_every=100)
+    config = tiny_trainer_config(total_steps=10, log_every=100, checkpoint_every=100)
     with pytest.raises(NonFiniteError, match=r"at step 4: .*loss=nan.*went on to step 10"):
         train(config, str(tmp_path), batches(nan_at=3), make_objective(config))  # the 4th batch: step 4
     assert not os.path.isdir(tmp_path / "checkpoints" / "10")  # nothing saved after the bad step
@@ -67,7 +55,7 @@ def event_steps(workdir, tag="train/loss"):
 def test_resume_skips_a_corrupt_checkpoint_and_each_step_is_logged_once(tmp_path, capsys):
     import shutil
     workdir = str(tmp_path)
-    config = tiny_config(total_steps=6)
+    config = tiny_trainer_config(total_steps=6)
     train(config, workdir, batches(), make_objective(config))
     # A run killed at step 6 after the checkpoint of step 6 was cut: its files hold garbage.
     state = tmp_path / "checkpoints" / "6" / "state"
@@ -91,11 +79,12 @@ def test_resume_skips_a_corrupt_checkpoint_and_each_step_is_logged_once(tmp_path
 FULL_DISK = """
 import resource, signal, sys
 sys.path.insert(0, {tests!r})
-from test_failures import batches, tiny_config
+from test_failures import batches
+from conftest import tiny_trainer_config
 from mmcmae_jax.errors import run_reporting
 from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.train.trainer import train
-config = tiny_config(total_steps=8, checkpoint_every=2)
+config = tiny_trainer_config(total_steps=8, checkpoint_every=2)
 config.async_checkpoint = True
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG), like a full disk
 resource.setrlimit(resource.RLIMIT_FSIZE, (20000, 20000))

@@ -90,6 +90,7 @@ def pretrain(workdir, *flags):
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_pretraining_starts_from_a_learned_table_on_the_command_line(timm_weights, tmp_path):
     path, _ = timm_weights
     start = f"--config.stage1.init_from_mae={path}"

@@ -12,7 +12,7 @@ from mmcmae_jax.config import ConfigError, validate
 from mmcmae_jax.models import matmul
 from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.transfer import objective as transfer_objective
-from test_objectives import tiny_batch, tiny_config  # tests/ is on sys.path while pytest collects it
+from conftest import tiny_batch, tiny_config
 from test_transfer_model import tiny as tiny_finetune_config
 
 
@@ -80,28 +80,32 @@ def test_every_matmul_of_stage_2_and_of_fine_tuning_takes_bfloat16_operands():
     config.model.matmul_precision = "bfloat16"
     objective = make_objective(config)
     batch = tiny_batch()
-    params = objective.init(jax.random.key(1), batch)
+    # Jitted inits: eager ones compile each bfloat16 op on its own (twice the time).
+    params = jax.jit(objective.init)(jax.random.key(1), batch)
     assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-    frozen = {f"{m}_encoder": objective.teacher.init(jax.random.key(3), batch[m])["params"] for m in ("rgb", "depth")}
+    frozen = {f"{m}_encoder": jax.jit(objective.teacher.init)(jax.random.key(3), batch[m])["params"]
+              for m in ("rgb", "depth")}
     dots = dot_operand_types(lowered_loss_and_grad(objective, params, frozen, batch))
     # Forward and backward of every Dense and attention matmul, in the model and the teachers.
     assert len(dots) > 50 and all(d == ["bf16", "bf16"] for d in dots), dots
-    (loss, _), grads = jax.jit(jax.value_and_grad(objective.loss, has_aux=True))(params, frozen, batch,
-                                                                                jax.random.key(2))
+    # Gradients in float32 (their types, without compiling the backward pass).
+    (_, _), grads = jax.eval_shape(jax.value_and_grad(objective.loss, has_aux=True), params, frozen, batch,
+                                   jax.random.key(2))
     assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
     # Close to the float32 loss on the same parameters and randomness, and not the same number.
+    loss = float(jax.jit(objective.loss)(params, frozen, batch, jax.random.key(2))[0])
     config.model.matmul_precision = "default"
     default = make_objective(config)
     assert all(d == ["f32", "f32"] for d in dot_operand_types(lowered_loss_and_grad(default, params, frozen, batch)))
-    loss32 = float(default.loss(params, frozen, batch, jax.random.key(2))[0])
-    assert float(loss) != loss32 and abs(float(loss) - loss32) < 0.02 * abs(loss32)
+    loss32 = float(jax.jit(default.loss)(params, frozen, batch, jax.random.key(2))[0])
+    assert loss != loss32 and abs(loss - loss32) < 0.02 * abs(loss32)
 
     config = tiny_finetune_config("depth")
     config.model.matmul_precision = "bfloat16"
     objective = transfer_objective.make_transfer_objective(config)
     batch = {"rgb": jax.random.normal(jax.random.key(0), (2, 32, 32, 3)),
              "depth_m": jax.random.uniform(jax.random.key(1), (2, 32, 32, 1), minval=0.5, maxval=5.0)}
-    params = objective.init(jax.random.key(2), batch)
+    params = jax.jit(objective.init)(jax.random.key(2), batch)
     dots = dot_operand_types(lowered_loss_and_grad(objective, params, {}, batch))
     assert len(dots) > 10 and all(d == ["bf16", "bf16"] for d in dots), dots
 

@@ -5,28 +5,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mmcmae_jax.config import OBJECTIVES, pretrain_config, validate
+from mmcmae_jax.config import OBJECTIVES, validate
 from mmcmae_jax.models.m3 import MultiModalMAE
 from mmcmae_jax.models.masking import multimodal_masks
 from mmcmae_jax.models.vit import patchify
 from mmcmae_jax.objectives import init_stage2_from_stage1, make_objective, teacher_params_from_stage1
+from conftest import tiny_batch, tiny_config
 from test_losses import np_info_nce, np_masked_mse, np_normalize_patches
-
-
-def tiny_config(stage, **objective):
-    config = pretrain_config(stage)
-    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32,
-                        decoder_depth=1, decoder_width=32, decoder_heads=2)
-    config.objective.weights.update(objective.pop("weights", {}))
-    config.objective.update(objective)
-    return config
-
-
-def tiny_batch(seed=0, batch=2, size=32):
-    rng = np.random.default_rng(seed)
-    return dict(rgb=jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
-                depth=jnp.asarray(rng.normal(size=(batch, size, size, 1)), jnp.float32),
-                depth_valid=jnp.asarray(rng.random((batch, size, size, 1)) > 0.2, jnp.float32))
 
 
 @pytest.fixture(scope="module")
@@ -127,18 +112,9 @@ def test_default_m3_is_unchanged_by_the_noise_switches(stage1_params):
         np.testing.assert_allclose(float(got[name]), value, rtol=1e-4, err_msg=name)
 
 
-def stage2_config(name, **objective):
-    """tiny_config(2) with the changes of config.OBJECTIVES[name], then `objective`'s."""
-    change = dict(OBJECTIVES[name])
-    config = tiny_config(2, **change)
-    config.objective.weights.update(objective.pop("weights", {}))
-    config.objective.update(objective)
-    return config
-
-
 @pytest.mark.parametrize("name", sorted(OBJECTIVES))
 def test_every_named_objective_trains_and_logs_each_term_beside_its_trivial_value(name, stage1_params):
-    config = stage2_config(name)
+    config = tiny_config(2, name)
     frozen = teacher_params_from_stage1(stage1_params, config.objective.inputs) if config.objective.weights.distill else {}
     _, metrics, _ = check_step(config, frozen)
     terms = set(config.objective.targets) | {k for k in ("denoise", "distill") if config.objective.weights[k] > 0}
@@ -175,7 +151,7 @@ def test_noise_sigma_embedding_and_denoising_loss_are_separate_switches(stage1_p
     batch, rng = tiny_batch(), jax.random.key(2)
     results = {}
     for name in ("m3", "m3_noise_only", "m3_no_denoise"):
-        objective = make_objective(stage2_config(name))
+        objective = make_objective(tiny_config(2, name))
         params = objective.init(jax.random.key(1), batch)
         results[name] = params, objective.loss(params, frozen, batch, rng)[1], objective.forward(params, batch, rng)
     (m3_params, m3, _), (noise_params, noise_only, noised), (clean_params, _, clean) = (
@@ -218,7 +194,7 @@ def test_teacher_sees_the_full_frame_or_the_students_visible_patches(stage1_para
 @pytest.mark.parametrize("name", ["mae_norm_pix", "multimae_norm_pix"])
 def test_norm_pix_targets_match_numpy(name):
     """Each reconstruction loss reads its patches normalised per patch (depth over its valid pixels)."""
-    config = stage2_config(name)
+    config = tiny_config(2, name)
     objective = make_objective(config)
     batch, rng = tiny_batch(), jax.random.key(2)
     params = objective.init(jax.random.key(1), batch)

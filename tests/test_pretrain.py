@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from mmcmae_jax.config import validate_training
+from conftest import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -38,6 +39,7 @@ def pretrain(*args, cwd=ROOT):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_demo_smoke_runs_both_stages(tmp_path):
     data = str(tmp_path / "data")
     run = pretrain("--config", "configs/demo.py:smoke", "--workdir", str(tmp_path / "demo"),
@@ -96,14 +98,6 @@ def test_paper_scale_config_needs_a_data_path():
         make_train_iterator(paper_scale_config(1, "vit_s16"))
 
 
-def tiny_stage(stage):
-    from mmcmae_jax.config import training_config
-    config = training_config(stage)
-    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32,
-                        decoder_depth=1, decoder_width=32, decoder_heads=2)
-    return config
-
-
 def test_encoders_start_from_imagenet_mae_weights(tmp_path):
     import jax
     import jax.numpy as jnp
@@ -117,7 +111,7 @@ def test_encoders_start_from_imagenet_mae_weights(tmp_path):
     source = ViTEncoder("64x2x2/8").init(jax.random.key(7), jnp.zeros((1, 32, 32, 3)))["params"]
     save_file({k: np.ascontiguousarray(v) for k, v in flax_encoder_to_timm(source, image_size=32).items()},
               str(tmp_path / "mae.safetensors"))
-    config = tiny_stage(1)
+    config = tiny_config(1)
     config.init_from_mae = str(tmp_path / "mae.safetensors")
     objective = make_objective(config)
     batch = {"rgb": jnp.zeros((2, 32, 32, 3)), "depth": jnp.zeros((2, 32, 32, 1)), "depth_valid": jnp.ones((2, 32, 32, 1))}
@@ -137,7 +131,7 @@ def test_encoders_start_from_imagenet_mae_weights(tmp_path):
 def test_stage2_with_distillation_needs_init_from():
     from mmcmae_jax.objectives import make_objective
     from mmcmae_jax.run.start import pretraining_start
-    config = tiny_stage(2)
+    config = tiny_config(2)
     with pytest.raises(ValueError, match=r"config\.init_from"):
         pretraining_start(config, make_objective(config))
 
@@ -146,7 +140,7 @@ def test_stage2_from_random_weights_says_so(capsys):
     """m3_no_distill without config.init_from has no teacher to demand stage 1, so the start is announced."""
     from mmcmae_jax.objectives import make_objective
     from mmcmae_jax.run.start import pretraining_start
-    config = tiny_stage(2)
+    config = tiny_config(2)
     config.objective.weights.distill = 0.0
     frozen, initial_params = pretraining_start(config, make_objective(config), "m3_no_distill")
     assert frozen is None and initial_params is None
@@ -166,15 +160,15 @@ def test_two_stage_run_checks_every_stage_first_chains_them_and_stops_when_preem
         return TrainResult(step=1, metrics={}, history=[], preempted=name in preempt)
     monkeypatch.setattr(pretrain, "run_stage", fake_stage)
 
-    bad = two_stage_config(tiny_stage(1), tiny_stage(2))
+    bad = two_stage_config(tiny_config(1), tiny_config(2))
     bad.stage2.batch_size = 0
     with pytest.raises(ConfigError, match=r"config\.stage2\.batch_size"):
         pretrain.run(bad, str(tmp_path))
     assert ran == []  # stage 1 did not start with a bad stage 2
 
-    assert pretrain.main(two_stage_config(tiny_stage(1), tiny_stage(2)), str(tmp_path)) == 0
+    assert pretrain.main(two_stage_config(tiny_config(1), tiny_config(2)), str(tmp_path)) == 0
     assert ran == [("stage1", str(tmp_path / "stage1"), ""), ("stage2", str(tmp_path / "stage2"), str(tmp_path / "stage1"))]
     ran.clear()
     preempt.append("stage1")
-    assert pretrain.main(two_stage_config(tiny_stage(1), tiny_stage(2)), str(tmp_path)) == 143
+    assert pretrain.main(two_stage_config(tiny_config(1), tiny_config(2)), str(tmp_path)) == 143
     assert [name for name, _, _ in ran] == ["stage1"]

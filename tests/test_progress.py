@@ -13,7 +13,8 @@ from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.train import trainer
 from mmcmae_jax.train.metrics import MetricWriter
 
-from test_failures import batches, event_steps, tiny_config
+from conftest import tiny_trainer_config
+from test_failures import batches, event_steps
 
 STAMP = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d "
 
@@ -64,7 +65,7 @@ def test_compilation_does_not_count_in_the_time_left(tmp_path, monkeypatch, caps
             return step(*step_args)
         return step_fn, initial_watch
     monkeypatch.setattr(trainer, "make_train_step", slow_first_step)
-    config = tiny_config(total_steps=8, log_every=4, checkpoint_every=8)
+    config = tiny_trainer_config(total_steps=8, log_every=4, checkpoint_every=8)
     result = trainer.train(config, str(tmp_path), batches(), make_objective(config))
     out = capsys.readouterr().out
     step4 = next(line for line in out.splitlines() if "step 4/8" in line)
@@ -91,6 +92,7 @@ def jsonl(workdir, stage):
     return [r for r in map(json.loads, open(os.path.join(workdir, "metrics.jsonl"))) if r["stage"] == stage]
 
 
+@pytest.mark.slow
 def test_finetuning_evaluates_every_eval_every_steps_into_metrics_and_tensorboard(tmp_path, capsys):
     from mmcmae_jax.finetune import run_finetune
     work = str(tmp_path / "every2")

@@ -15,12 +15,12 @@ import numpy as np
 import optax
 import pytest
 
-from mmcmae_jax.config import training_config
 from mmcmae_jax.objectives import make_objective
 from mmcmae_jax.train.checkpoint import restore_params
 from mmcmae_jax.train.optim import decay_mask, make_optimizer, optim_config
 from mmcmae_jax.train.sharding import fsdp_spec
 from mmcmae_jax.train.trainer import NonFiniteError, train
+from conftest import random_frames, tiny_trainer_config
 
 TINY_TRAIN = os.path.join(os.path.dirname(__file__), "tiny_train.py")
 
@@ -106,10 +106,11 @@ def test_fsdp_spec_splits_large_leaves_only():
     assert fsdp_spec((768, 2304), 1) == jax.sharding.PartitionSpec()
 
 
+@pytest.mark.slow
 def test_data_parallel_and_fsdp_on_8_devices_match_one_device(tmp_path):
     stage = 2  # the step is the same code for both stages; stage 2 has the most parameter kinds
     one = run_tiny(tmp_path, "one", "--stage", str(stage))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8")
     dp = run_tiny(tmp_path, "dp", "--stage", str(stage), env=env)
     fsdp = run_tiny(tmp_path, "fsdp", "--stage", str(stage), "--fsdp", "4", env=env)
     assert one["devices"] == 1 and dp["devices"] == 8 == fsdp["devices"]
@@ -125,6 +126,7 @@ def free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_train_in_lockstep_like_one(tmp_path):
     port = str(free_port())
     out = tmp_path / "two.json"
@@ -151,6 +153,7 @@ def wait_for_step(metrics_file, step, proc, timeout=240):
     raise TimeoutError(f"step {step} not reached")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tmp_path):
     common = ["--stage", "2", "--steps", "12", "--checkpoint_every", "3", "--async_checkpoint"]
     reference = losses_of(run_tiny(tmp_path, "reference", *common))
@@ -168,6 +171,7 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path):
         assert loss == reference[step], (step, loss, reference[step])  # bit for bit
 
 
+@pytest.mark.slow
 def test_sigterm_saves_and_resume_finishes(tmp_path):
     common = ["--stage", "1", "--steps", "40", "--checkpoint_every", "1000"]
     workdir, out = tmp_path / "term", tmp_path / "term.json"
@@ -184,28 +188,17 @@ def test_sigterm_saves_and_resume_finishes(tmp_path):
     assert min(losses_of(json.loads(out.read_text()))) == stopped_at + 1
 
 
-def tiny_config(stage=1):
-    config = training_config(stage)
-    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32)
-    config.update(batch_size=4, total_steps=10, log_every=100, checkpoint_every=2, image_every=0,
-                  async_checkpoint=True)
-    config.data.path = "in-memory"
-    return config
-
-
 def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path):
     def batch(step):
-        rng = np.random.default_rng(step)
-        frames = dict(rgb=rng.normal(size=(4, 32, 32, 3)).astype(np.float32),
-                      depth=rng.normal(size=(4, 32, 32, 1)).astype(np.float32),
-                      depth_valid=np.ones((4, 32, 32, 1), np.float32))
+        frames = random_frames(batch=4, seed=step, valid_fraction=1.0)
         if step == 4:  # a corrupt frame reaches the model in the 5th step
             frames["rgb"][0, 0, 0, 0] = np.nan
         return frames
 
     iterator = iter(grain.MapDataset.range(100).map(batch).to_iter_dataset())
     with pytest.raises(NonFiniteError, match=r"step 5: .*loss=nan"):
-        train(tiny_config(), str(tmp_path), iterator, make_objective(tiny_config()))
+        config = tiny_trainer_config(total_steps=10, log_every=100, async_checkpoint=True)
+        train(config, str(tmp_path), iterator, make_objective(config))
     checkpoints = sorted(int(p) for p in os.listdir(tmp_path / "checkpoints") if p.isdigit())
     assert checkpoints[-1] == 4
     params = restore_params(str(tmp_path))

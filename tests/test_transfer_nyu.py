@@ -66,6 +66,7 @@ def losses_of(workdir):
     return [r["loss"] for r in records if r["stage"] == "finetune"]  # not the evaluations (finetune_eval)
 
 
+@pytest.mark.slow
 def test_segmentation_on_real_nyu_labels_through_both_commands(nyu):
     work = str(nyu["tmp"] / "seg")
     run = subprocess.run([sys.executable, "-m", "mmcmae_jax.finetune", "--config", "configs/finetune_nyu_seg.py",
@@ -111,6 +112,7 @@ def tiny(config, steps):
     return config
 
 
+@pytest.mark.slow
 def test_depth_on_real_nyu_frames_in_metres_inside_the_eigen_crop(nyu):
     from mmcmae_jax.finetune import run_finetune
     config = tiny(load_config("finetune_nyu_depth.py"), steps=12)
@@ -131,6 +133,7 @@ def test_depth_on_real_nyu_frames_in_metres_inside_the_eigen_crop(nyu):
     assert 0 < m["abs_rel"] < 1 and 0 < m["rmse"] < 5 and 0 < m["rmse_log"] < 2 and 0 < m["log10"] < 1
 
 
+@pytest.mark.slow  # reads the run of the segmentation test above
 def test_linear_probe_on_a_frozen_encoder_from_a_finetuned_run(nyu):
     """The encoder of another run (here: the segmentation run's), frozen, read by a linear head."""
     from mmcmae_jax.finetune import run_finetune

@@ -11,14 +11,6 @@ import sys
 import time
 
 import grain
-import numpy as np
-
-
-def frames(count=32, size=32, seed=0):
-    rng = np.random.default_rng(seed)
-    return [dict(rgb=rng.normal(size=(size, size, 3)).astype(np.float32),
-                 depth=rng.normal(size=(size, size, 1)).astype(np.float32),
-                 depth_valid=(rng.random((size, size, 1)) > 0.1).astype(np.float32)) for _ in range(count)]
 
 
 def process_slice(batch, index, count):
@@ -46,13 +38,13 @@ def main():
     import jax
     if args.num_processes > 1:
         jax.distributed.initialize(f"127.0.0.1:{args.port}", args.num_processes, args.process_id)
-    from mmcmae_jax.config import training_config
+    from conftest import random_frames, tiny_config  # this script's folder is tests/
     from mmcmae_jax.objectives import make_objective
     from mmcmae_jax.train.trainer import train
 
-    config = training_config(args.stage)
-    config.model.update(variant="64x2x2/8", image_size=32, proj_hidden=64, proj_dim=32,
-                        decoder_depth=1, decoder_width=32, decoder_heads=2)
+    config = tiny_config(args.stage)
+    stacked = random_frames(batch=32, valid_fraction=0.9)
+    frames = [{k: v[i] for k, v in stacked.items()} for i in range(32)]
     config.objective.weights.distill = 0.0  # no stage-1 teacher in this tiny run
     config.update(batch_size=args.batch, total_steps=args.steps, log_every=1, checkpoint_every=args.checkpoint_every,
                   image_every=0, async_checkpoint=args.async_checkpoint)
@@ -60,7 +52,7 @@ def main():
     config.optim.lr = 1e-3
     config.mesh.fsdp = args.fsdp
     config.data.path = "in-memory"
-    dataset = (grain.MapDataset.source(frames()).shuffle(seed=0).repeat().batch(args.batch, drop_remainder=True)
+    dataset = (grain.MapDataset.source(frames).shuffle(seed=0).repeat().batch(args.batch, drop_remainder=True)
                .map(lambda b: process_slice(b, args.process_id, args.num_processes)))
     if args.seconds_per_batch:
         dataset = dataset.map(lambda b: time.sleep(args.seconds_per_batch) or b)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 
 import jax
@@ -42,6 +43,21 @@ def terminal_losses(scalars: dict) -> str:
     return " ".join(pairs)
 
 
+
+def _summary_writer():
+    """tensorboardX's SummaryWriter class. tensorboardX imports PyTorch where it is installed (3 s at each
+    start) only to accept torch tensors, which are never passed here: unless torch is loaded already,
+    its import is refused while tensorboardX loads."""
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+        return SummaryWriter
+    sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
 class MetricWriter:
     """Writes each logged step to the terminal, metrics.jsonl and TensorBoard.
 
@@ -70,7 +86,7 @@ class MetricWriter:
         self._timed_from, self._last_time, self._last_step, self._aside = None, None, step, 0.0
         if not self.enabled:
             return
-        from tensorboardX import SummaryWriter
+        SummaryWriter = _summary_writer()
         os.makedirs(self.workdir, exist_ok=True)
         stages = (self.name, evaluation_stage(self.name))
         forget_jsonl(os.path.join(self.workdir, METRICS_FILE),

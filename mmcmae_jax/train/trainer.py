@@ -49,6 +49,9 @@ def make_train_step(objective: Objective, optimizer, schedule, state_sharding, f
     step is reported with its own number whatever log_every is, at no per-step synchronisation. The old
     state and watch are donated."""
 
+    # Jitted on its own so that its trace is made once: `initial_watch` reads its output shapes and
+    # `train_step` calls it (XLA inlines the inner call: the compiled step is the same).
+    @jax.jit
     def step_and_metrics(state, frozen, batch, seed):
         rng = jax.random.fold_in(seed, state["step"])
         grad_fn = jax.value_and_grad(objective.loss, has_aux=True)

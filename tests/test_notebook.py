@@ -1,7 +1,7 @@
 """The Colab notebook cannot rot: it is executed top to bottom, headless, in its few-steps mode
 (MMCMAE_NOTEBOOK_FAST=1), and the committed file carries no outputs.
 
-Needs nbclient, nbformat and ipykernel (skipped without them). About a minute on 2 CPU cores."""
+Needs nbclient, nbformat and ipykernel (skipped without them). About 3 minutes on 2 CPU cores: marked slow."""
 import base64
 import json
 import os

@@ -1,5 +1,6 @@
 """The trainer: optimizer, sharded steps on 8 simulated devices, two processes, resume after SIGKILL,
 SIGTERM, and non-finite losses."""
+import importlib.util
 import json
 import os
 import signal
@@ -219,3 +220,20 @@ def test_terminal_line_prints_each_loss_over_its_trivial_value(tmp_path, capsys)
     logged = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert {"depth", "depth_trivial", "distill", "distill_trivial"} <= set(logged)
     assert abs(logged["depth_trivial"] - 0.98712) < 1e-6
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="needs PyTorch installed to mean anything")
+def test_tensorboard_writer_does_not_load_pytorch(tmp_path):
+    """tensorboardX would import an installed PyTorch (3 s at every start) for tensors never passed here;
+    once PyTorch is loaded anyway, the writer still works."""
+    script = ("import sys; from mmcmae_jax.train.metrics import MetricWriter\n"
+              "for name in ('a', 'b'):\n"
+              "    writer = MetricWriter(sys.argv[1] + '/' + name, 'stage1', total_steps=1); writer.start(0)\n"
+              "    writer.write(1, {'loss': 1.0}, images_per_step=1); writer.close()\n"
+              "    print(name, 'torch' in sys.modules)\n"
+              "    import torch\n")
+    run = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    loaded = [line for line in run.stdout.splitlines() if line.startswith(("a ", "b "))]
+    assert loaded == ["a False", "b True"], run.stdout
+    assert os.listdir(tmp_path / "a" / "tensorboard") and os.listdir(tmp_path / "b" / "tensorboard")

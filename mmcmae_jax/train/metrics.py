@@ -43,7 +43,6 @@ def terminal_losses(scalars: dict) -> str:
     return " ".join(pairs)
 
 
-
 def _summary_writer():
     """tensorboardX's SummaryWriter class. tensorboardX imports PyTorch where it is installed (3 s at each
     start) only to accept torch tensors, which are never passed here: unless torch is loaded already,
@@ -57,6 +56,7 @@ def _summary_writer():
     finally:
         del sys.modules["torch"]
     return SummaryWriter
+
 
 class MetricWriter:
     """Writes each logged step to the terminal, metrics.jsonl and TensorBoard.

@@ -116,7 +116,18 @@ def bad_inputs(tmp_path):
     (corrupt_run / "checkpoints" / "2" / "state").mkdir(parents=True)
     (corrupt_run / "checkpoints" / "2" / "state" / "_METADATA").write_text("{not json")
     demo = ["--config", "configs/demo.py:smoke"]
+    from mmcmae_jax.data import procedural
+    (shard,) = procedural.write_procedural_dataset(str(tmp_path / "records"), 16, 32, seed=0, num_shards=1,
+                                                   format="tfrecord")
+    data = bytearray(open(shard, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # inside a record's payload: its checksum no longer matches
+    open(shard, "wb").write(bytes(data))
     return [
+        ("a damaged record in the training data", "mmcmae_jax.pretrain",
+         [*demo, "--workdir", str(tmp_path / "w"), f"--config.stage1.data.path={shard}"], 1,
+         os.path.basename(shard)),
+        ("a learning rate that makes the loss non-finite", "mmcmae_jax.pretrain",
+         [*demo, "--workdir", str(tmp_path / "n"), "--config.stage1.optim.lr=1e30"], 1, "non-finite values at step"),
         ("missing --config file", "mmcmae_jax.pretrain",
          ["--config", "configs/no_such.py", "--workdir", str(tmp_path / "w")], 2, "no_such.py"),
         ("unknown flag", "mmcmae_jax.pretrain", [*demo, "--workdir", str(tmp_path / "w"), "--no_such_flag"], 2,

@@ -11,19 +11,13 @@ import os
 import tempfile
 import time
 
-from mmcmae_jax.data import pipeline, procedural
+from mmcmae_jax.data import data_options, pipeline, procedural
 
 
 def measure(paths, image_size, batch_size, batches, read_threads):
     it = pipeline.make_pipeline(
-        paths,
-        batch_size=batch_size,
-        image_size=image_size,
-        train=True,
-        seed=0,
-        shard_index=0,
-        shard_count=1,
-        read_threads=read_threads,
+        paths, data_options(read_threads=read_threads), batch_size=batch_size, image_size=image_size, seed=0,
+        train=True, shard_index=0, shard_count=1,
     )
     next(it)  # warm-up: files opened, threads started
     wall, cpu = time.perf_counter(), time.process_time()

@@ -173,26 +173,52 @@ def validate(config: ml_collections.ConfigDict):
     validate_objective(config.objective)
 
 
-def training_config(stage: int) -> ml_collections.ConfigDict:
-    """A complete single-stage pre-training config: model, objective, optimiser, data and loop."""
+def trainer_fields(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Add to `config` the fields the trainer reads, with their defaults: optimiser, data, loop,
+    checkpoints, mesh, where the encoders start. Pre-training and fine-tuning configs both start here."""
     from mmcmae_jax.data import default_data_config
     from mmcmae_jax.train.optim import optim_config
-    config = pretrain_config(stage)
     config.optim = optim_config()
-    config.data = default_data_config()  # data.batch_size and data.image_size are set by the trainer
+    config.data = default_data_config()
     config.batch_size = 256           # global, over all processes and devices
     config.total_steps = 10_000
     config.seed = 0
     config.log_every = 20
-    config.image_every = 1000         # stage-2 picture summaries; 0 disables them
+    config.image_every = 1000         # picture summaries (stage 2); 0 disables them
     config.checkpoint_every = 1000
     config.keep_checkpoints = 3
     config.async_checkpoint = True
     config.mesh = ml_collections.ConfigDict(dict(fsdp=1))  # > 1 shards parameters and optimizer state
-    config.init_from = ""             # stage 2: the stage-1 work directory (encoders and distillation teachers)
-    config.init_from_mae = ""         # an ImageNet MAE checkpoint to start both encoders from
+    config.init_from = ""             # a work directory to start from (stage 2: the stage-1 run)
+    config.init_from_mae = ""         # an ImageNet MAE checkpoint to start the encoders from
     config.init_from_mae_drop_learned_pos_embed = False  # see validate_init_from_mae
     return config
+
+
+def validate_trainer_fields(config: ml_collections.ConfigDict, data_fields=("data",)):
+    """Raise ConfigError naming the first bad field of those trainer_fields adds (`data_fields`: every
+    data config the run reads)."""
+    for field in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
+        _check(int(config[field]) == config[field] and config[field] > 0, field, f"must be a positive integer, got {config[field]!r}")
+    _check(config.image_every >= 0, "image_every", f"must be >= 0, got {config.image_every}")
+    _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
+    validate_init_from_mae(config)
+    from mmcmae_jax.train.optim import make_optimizer
+    try:
+        make_optimizer(config.optim, config.total_steps, config.batch_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    from mmcmae_jax.data import validate_data_config
+    for field in data_fields:
+        try:
+            validate_data_config(config[field])
+        except ValueError as err:
+            raise ConfigError(f"config.{field}: {err}") from None
+
+
+def training_config(stage: int) -> ml_collections.ConfigDict:
+    """A complete single-stage pre-training config: model, objective, optimiser, data and loop."""
+    return trainer_fields(pretrain_config(stage))
 
 
 def validate_init_from_mae(config: ml_collections.ConfigDict):
@@ -212,21 +238,7 @@ def validate_init_from_mae(config: ml_collections.ConfigDict):
 def validate_training(config: ml_collections.ConfigDict):
     """Raise ValueError naming the first bad field of a training config."""
     validate(config)
-    for field in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        _check(int(config[field]) == config[field] and config[field] > 0, field, f"must be a positive integer, got {config[field]!r}")
-    _check(config.image_every >= 0, "image_every", f"must be >= 0, got {config.image_every}")
-    _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
-    validate_init_from_mae(config)
-    from mmcmae_jax.train.optim import make_optimizer
-    try:
-        make_optimizer(config.optim, config.total_steps, config.batch_size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    from mmcmae_jax.data import validate_data_config
-    try:
-        validate_data_config(config.data)
-    except ValueError as err:
-        raise ConfigError(f"config.data: {err}") from None
+    validate_trainer_fields(config)
 
 # ViT presets for the paper-scale configs: (variant, global batch, steps).
 PRESETS = {

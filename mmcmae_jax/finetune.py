@@ -25,10 +25,7 @@ def train_data_path(config, workdir: str) -> str:
     from mmcmae_jax.transfer.splits import write_label_fraction
     if config.label_fraction >= 1.0:
         return config.data.path
-    data = config.data.copy_and_resolve_references()
-    with data.unlocked():
-        data.seed = config.seed  # the procedural set, made as the pipeline would make it
-    path = records_path(data)
+    path = records_path(config.data)
     out_dir = config.subset_dir or os.path.join(workdir, "train_subset")
     import jax
     if jax.process_index() == 0:
@@ -114,8 +111,9 @@ def run_finetune(config, workdir: str, name: str = "finetune"):
         if jax.process_index() == 0:
             save_frozen_encoder(workdir, frozen[ENCODER])
     elif encoder is not None:
-        def initial_params(params):
+        def with_encoder(params):
             return {**params, ENCODER: encoder}
+        initial_params = with_encoder
     start = config.init_from or config.init_from_mae or "scratch"
     say(name, f"{config.task}, {config.model.variant} at {config.model.image_size}px, {config.head.kind} head, "
               f"encoder from {start}{' (frozen)' if config.freeze_encoder else ''}, global batch {config.batch_size}, "

@@ -14,8 +14,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib import colormaps
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+from mmcmae_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # the batch contract's RGB normalisation
 
 
 def rgb_to_uint8(rgb: np.ndarray, normalised: bool = True) -> np.ndarray:

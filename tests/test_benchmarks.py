@@ -275,3 +275,12 @@ def test_procedural_scenes_describes_a_set(tmp_path):
     assert abs(sum(float(part.split()[-1].rstrip("%")) for part in shares.split(", ")) - 100) < 0.5
     assert "image-blind predictor (4 frames -> 4 others): delta1" in out.stdout
     assert "8 frames at 16x16, style varied" in out.stdout
+
+
+def test_convert_speed_times_each_worker_count_and_checks_their_records_agree():
+    out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "convert_speed.py"), "--frames", "3",
+                          "--workers", "1", "2"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = [line for line in out.stdout.splitlines() if line.startswith("--workers")]
+    assert [line.split(":")[0] for line in lines] == ["--workers 1", "--workers 2"]
+    assert "speed-up 1.00x" in lines[0] and "core-hours" in lines[1]

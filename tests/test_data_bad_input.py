@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcmae_jax.data import convert, pipeline, records, schema
+from mmcmae_jax.data import convert, data_options, pipeline, records, schema
 from mmcmae_jax.data.sources import folder
 from mmcmae_jax.data.errors import RecordError
 
@@ -52,10 +52,11 @@ def _shard(tmp_path, fmt, bad_kind, bad_at=2, n=6):
     return path
 
 
-def _run(path, **kw):
+def _run(path, skip_log=None, **options):
     return list(
         pipeline.make_pipeline(
-            path, batch_size=1, image_size=8, train=False, shard_index=0, shard_count=1, **kw
+            path, data_options(**options), batch_size=1, image_size=8, seed=0, train=False, shard_index=0,
+            shard_count=1, skip_log=skip_log,
         )
     )
 
@@ -93,12 +94,8 @@ def test_corrupted_tfrecord_in_pipeline(tmp_path):
 def test_missing_record_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.array_record"):
         pipeline.make_pipeline(
-            str(tmp_path / "missing.array_record"),
-            batch_size=1,
-            image_size=8,
-            train=True,
-            shard_index=0,
-            shard_count=1,
+            str(tmp_path / "missing.array_record"), data_options(), batch_size=1, image_size=8, seed=0,
+            train=True, shard_index=0, shard_count=1,
         )
 
 
@@ -209,7 +206,8 @@ def test_truncated_shard_is_named_before_reading(tmp_path, fmt):
     with open(paths[1], "r+b") as f:
         f.truncate(os.path.getsize(paths[1]) * 2 // 3 - 7)  # inside a record: TFRecord cannot tell a cut between two
     with pytest.raises(RecordError, match="truncated") as info:
-        pipeline.make_pipeline(str(tmp_path), batch_size=1, image_size=8, train=True, shard_index=0, shard_count=1)
+        pipeline.make_pipeline(str(tmp_path), data_options(), batch_size=1, image_size=8, seed=0, train=True,
+                               shard_index=0, shard_count=1)
     assert info.value.path == paths[1] and str(info.value).startswith(paths[1])
     log = pipeline.SkipLog()
     assert len(_run(str(tmp_path), skip_bad_records=True, skip_log=log)) == 3  # the intact shard

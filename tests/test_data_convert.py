@@ -1,6 +1,7 @@
 """Converters: real NYU / SUN RGB-D frames from ../shared (skipped when absent), and generated
 fixtures in the on-disk layouts of the NYU labeled .mat, ScanNet exports and TUM RGB-D."""
 
+import glob
 import json
 import os
 import shutil
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mmcmae_jax.data import convert, pipeline, records, schema
+from mmcmae_jax.data import convert, data_options, pipeline, records, schema
 from mmcmae_jax.data.sources import folder, nyu_mat, scannet, tum
 from mmcmae_jax.data.errors import RecordError
 
@@ -197,7 +198,8 @@ def test_cli_folder_then_pipeline(tmp_path):
     )
     batches = list(
         pipeline.make_pipeline(
-            str(tmp_path / "out"), batch_size=2, image_size=16, train=False, shard_index=0, shard_count=1
+            str(tmp_path / "out"), data_options(), batch_size=2, image_size=16, seed=0, train=False,
+            shard_index=0, shard_count=1,
         )
     )
     assert len(batches) == 2
@@ -363,3 +365,53 @@ def test_scannet_colour_is_kept_as_its_jpeg_and_resized_when_read(tmp_path):
     source_bytes = sum((scene / sub / f"1.{ext}").stat().st_size
                        for sub, ext in (("color", "jpg"), ("depth", "png"), ("label-filt", "png")))
     assert len(schema.serialize_example(ex)) <= 1.2 * source_bytes
+
+
+def _mixed_folder(root, n=9, bad=None):
+    """n frames of random RGB (PNG and JPEG), millimetre depth and labels; frame `bad` has no valid depth."""
+    rng = np.random.default_rng(0)
+    for sub in ("rgb", "depth", "label"):
+        (root / sub).mkdir()
+    for i in range(n):
+        rgb = Image.fromarray(rng.integers(0, 256, (24, 32, 3), dtype=np.uint8))
+        rgb.save(root / "rgb" / (f"{i}.png" if i % 2 else f"{i}.jpg"))
+        depth = rng.integers(500, 4000, (24, 32)).astype(np.uint16) * (i != bad)
+        Image.fromarray(depth).save(root / "depth" / f"{i}.png")
+        Image.fromarray(rng.integers(1, 5, (24, 32), dtype=np.uint8)).save(root / "label" / f"{i}.png")
+
+
+@pytest.mark.parametrize("fmt", records.FORMATS)
+def test_parallel_conversion_writes_the_same_shards(tmp_path, fmt, capsys):
+    """--workers N: the same records in the same shards, in the same order, for any N; a bad frame
+    found by a worker is the same one line, and --skip-bad leaves out the same frames."""
+    _mixed_folder(tmp_path, bad=None)
+
+    def run(workers, out, *extra):
+        return convert.main(["folder", "--root", str(tmp_path), "--rgb", "rgb/*", "--depth", "depth/*.png",
+                             "--label", "label/*.png", "--depth-scale", "0.001", "--num-shards", "2",
+                             "--format", fmt, "--out", str(tmp_path / out), "--workers", str(workers), *extra])
+
+    def shards(out):
+        return [list(records.read_records(p)) for p in sorted(glob.glob(str(tmp_path / out / "*")))]
+
+    assert run(1, "one") == 0 and run(2, "two") == 0 and run(3, "three") == 0
+    one = shards("one")
+    assert len(one) == 2 and sum(map(len, one)) == 9
+    assert shards("two") == one and shards("three") == one
+    Image.fromarray(np.zeros((24, 32), np.uint16)).save(tmp_path / "depth" / "4.png")  # no valid depth
+    capsys.readouterr()
+    assert run(1, "bad1") == 1
+    alone = capsys.readouterr().err.strip().splitlines()
+    assert run(2, "bad") == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == alone and len(err) == 1 and "record 4: frame has no valid depth" in err[0], err
+    assert not glob.glob(str(tmp_path / "bad" / "*.array_record")) + glob.glob(str(tmp_path / "bad" / "*.tfrecord"))
+    assert run(1, "skip1", "--skip-bad") == 0 and run(2, "skip2", "--skip-bad") == 0
+    assert shards("skip2") == shards("skip1") and sum(map(len, shards("skip2"))) == 8
+
+
+def test_workers_must_be_a_whole_number_of_at_least_one(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        convert.main(["folder", "--root", str(tmp_path), "--rgb", "r/*", "--depth", "d/*", "--depth-scale", "1",
+                      "--out", str(tmp_path / "o"), "--workers", "0"])
+    assert info.value.code == 2 and "--workers: '0' is not a whole number >= 1" in capsys.readouterr().err

@@ -19,12 +19,12 @@ def data_procedural_shards(tmp_path_factory):
     }
 
 
-def _make(paths, **kw):
-    args = dict(
-        batch_size=4, image_size=SIZE, train=True, seed=0, shard_index=0, shard_count=1, shuffle_buffer=8
-    )
-    args.update(kw)
-    return pipeline.make_pipeline(paths, **args)
+def _make(paths, *, batch_size=4, image_size=SIZE, train=True, seed=0, shard_index=0, shard_count=1,
+          skip_log=None, **options):
+    return pipeline.make_pipeline(
+        paths, config.data_options(**{"shuffle_buffer": 8, **options}), batch_size=batch_size,
+        image_size=image_size, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
+        skip_log=skip_log)
 
 
 @pytest.mark.parametrize("fmt", records.FORMATS)
@@ -115,7 +115,7 @@ def test_geometry_keeps_modalities_aligned():
 def test_config_validation_names_the_field():
     c = config.default_data_config()
     config.validate_data_config(c)
-    for field, value in [("depth_trim", 0.7), ("batch_size", 0), ("format", "hdf5"), ("hflip_prob", 2.0)]:
+    for field, value in [("depth_trim", 0.7), ("procedural_seed", -1), ("format", "hdf5"), ("hflip_prob", 2.0)]:
         bad = config.default_data_config()
         bad[field] = value
         with pytest.raises(ValueError, match=field):
@@ -125,8 +125,8 @@ def test_config_validation_names_the_field():
 def test_pipeline_from_config_reads_records(data_procedural_shards):
     c = config.default_data_config()
     c.path = ",".join(data_procedural_shards["array_record"])
-    c.image_size, c.batch_size = SIZE, 2
-    batch = next(config.pipeline_from_config(c, train=True, shard_index=0, shard_count=1))
+    batch = next(config.pipeline_from_config(c, batch_size=2, image_size=SIZE, seed=0, train=True,
+                                             shard_index=0, shard_count=1))
     assert batch["rgb"].shape == (2, SIZE, SIZE, 3)
 
 

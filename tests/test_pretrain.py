@@ -77,6 +77,8 @@ def test_bad_config_value_fails_at_start_naming_the_field(tmp_path, override, fi
     (["--config.batch_size=8"], "no such config field: 'batch_size'"),  # a two-stage config's field
     (["--config.stage1.batch_siz=8"], 'Did you mean "batch_size"'),
     (["--config.stage1.data.path=/no/such/records"], "config.stage1.data.path='/no/such/records'"),
+    # the batch size, image size and seed are the run's, not data options
+    (["--config.stage1.data.batch_size=8"], "--config.stage1.data.batch_size is the run's: set config.batch_size"),
 ])
 def test_bad_override_or_path_is_one_line_not_a_traceback(tmp_path, args, message):
     run = pretrain("--config", "configs/demo.py:smoke", "--workdir", str(tmp_path / "bad"), *args)

@@ -2,12 +2,13 @@
 SUN RGB-D, ScanNet, TUM RGB-D and folders, a procedural scene generator, and the grain pipeline.
 
 The trainer needs only:
-  default_data_config() / validate_data_config(cfg) / pipeline_from_config(cfg, train=...)
-  make_pipeline(paths, batch_size=..., image_size=..., train=..., seed=...)
+  default_data_config() / data_options(**changes) / validate_data_config(cfg)
+  pipeline_from_config(cfg, batch_size=..., image_size=..., seed=..., train=...)
+  make_pipeline(paths, cfg, batch_size=..., image_size=..., seed=..., train=...)
   write_procedural_dataset(out_dir, num_frames, image_size, seed, num_shards, format)
 """
 
-from mmcmae_jax.data.config import default_data_config, pipeline_from_config, validate_data_config
+from mmcmae_jax.data.config import data_options, default_data_config, pipeline_from_config, validate_data_config
 from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.data.pipeline import CheckedTFRecordIterDataset, SkipLog, make_pipeline
 from mmcmae_jax.data.procedural import (
@@ -37,6 +38,7 @@ __all__ = [
     "RGBDExample",
     "RecordError",
     "SkipLog",
+    "data_options",
     "decode_example",
     "default_data_config",
     "ensure_procedural_dataset",

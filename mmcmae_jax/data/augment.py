@@ -25,15 +25,22 @@ MIN_DEPTH_STD_M = 0.01
 
 @dataclasses.dataclass(frozen=True)
 class AugmentOptions:
-    """What the train-time transform does; eval uses a centre crop and no randomness."""
+    """What the train-time transform does; eval uses a centre crop and no randomness. The defaults are
+    the data config's (data/config.py)."""
 
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip_prob: float = 0.5
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.2
-    depth_trim: float = 0.1
+    crop_scale: tuple[float, float]
+    crop_ratio: tuple[float, float]
+    hflip_prob: float
+    brightness: float
+    contrast: float
+    saturation: float
+    depth_trim: float
+
+    @classmethod
+    def from_config(cls, c) -> "AugmentOptions":
+        """The augmentation fields of a data config, as a plain value grain workers can be sent."""
+        return cls(tuple(c.crop_scale), tuple(c.crop_ratio), *(float(c[f]) for f in (
+            "hflip_prob", "brightness", "contrast", "saturation", "depth_trim")))
 
 
 def random_resized_crop_box(

@@ -1,5 +1,8 @@
-"""The input options as an ml_collections ConfigDict, their validation, and the one call from a
-config to a pipeline."""
+"""The input options as one ml_collections ConfigDict (every default written here, once), their
+validation, and the one call from a config to a pipeline.
+
+The batch size, image size and seed are not data options: the run owns them (its global batch over the
+processes, its model's image size, its seed) and passes them to `pipeline_from_config`."""
 
 from __future__ import annotations
 
@@ -17,9 +20,6 @@ def default_data_config() -> ml_collections.ConfigDict:
     # an error, not a silent switch to the procedural rooms.
     c.require_path = False
     c.format = "auto"  # "auto" | "array_record" | "tfrecord"
-    c.image_size = 224
-    c.batch_size = 64  # per process
-    c.seed = 0
     c.crop_scale = (0.2, 1.0)  # random resized crop, area fraction
     c.crop_ratio = (3 / 4, 4 / 3)  # random resized crop, aspect ratio
     c.hflip_prob = 0.5
@@ -38,10 +38,19 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.procedural_frames = 10000
     c.procedural_size = 128
     c.procedural_shards = 8
+    c.procedural_seed = 0  # frame i of the set depends only on (seed, i, size, style)
     c.procedural_depth_noise = True
     # "rooms" (eye-level views of furnished rooms) or "varied" (any camera pose, random colours and
     # textures on every surface, cluttered: depth and classes must be read from the image).
     c.procedural_style = "rooms"
+    return c
+
+
+def data_options(**changes) -> ml_collections.ConfigDict:
+    """The default options with `changes`, validated: the `options` of pipeline.make_pipeline."""
+    c = default_data_config()
+    c.update(changes)
+    validate_data_config(c)
     return c
 
 
@@ -57,12 +66,6 @@ def validate_data_config(c) -> None:
         "format",
         c.format,
         f"must be auto or one of {records.FORMATS}",
-    )
-    _check(
-        isinstance(c.image_size, int) and c.image_size >= 8, "image_size", c.image_size, "must be an int >= 8"
-    )
-    _check(
-        isinstance(c.batch_size, int) and c.batch_size >= 1, "batch_size", c.batch_size, "must be an int >= 1"
     )
     lo, hi = c.crop_scale
     _check(0 < lo <= hi <= 1, "crop_scale", c.crop_scale, "must be (lo, hi) with 0 < lo <= hi <= 1")
@@ -83,6 +86,8 @@ def validate_data_config(c) -> None:
     _check(c.num_epochs is None or c.num_epochs >= 1, "num_epochs", c.num_epochs, "must be None or >= 1")
     _check(isinstance(c.skip_bad_records, bool), "skip_bad_records", c.skip_bad_records, "must be a bool")
     _check(isinstance(c.require_path, bool), "require_path", c.require_path, "must be a bool")
+    _check(isinstance(c.procedural_seed, int) and c.procedural_seed >= 0, "procedural_seed", c.procedural_seed,
+           "must be an int >= 0")
     _check(
         c.procedural_style in procedural.STYLES,
         "procedural_style",
@@ -92,36 +97,16 @@ def validate_data_config(c) -> None:
 
 
 def pipeline_from_config(
-    c, *, train: bool, shard_index: int | None = None, shard_count: int | None = None, skip_log=None,
-    name: str = "config.data",
+    c, *, batch_size: int, image_size: int, seed: int, train: bool, shard_index: int | None = None,
+    shard_count: int | None = None, skip_log=None, name: str = "config.data",
 ):
-    """Validate `c` (the config section `name`) and build the pipeline; an empty path makes (once) and
-    reads the procedural set."""
+    """Validate `c` (the config section `name`) and build the pipeline of batches of `batch_size` frames
+    at `image_size` (augmentation seeded by `seed`); an empty path makes (once) and reads the procedural
+    set."""
     validate_data_config(c)
-    path = records_path(c, name)
     return pipeline.make_pipeline(
-        path,
-        batch_size=c.batch_size,
-        image_size=c.image_size,
-        train=train,
-        seed=c.seed,
-        format=c.format,
-        crop_scale=tuple(c.crop_scale),
-        crop_ratio=tuple(c.crop_ratio),
-        hflip_prob=c.hflip_prob,
-        brightness=c.brightness,
-        contrast=c.contrast,
-        saturation=c.saturation,
-        depth_trim=c.depth_trim,
-        shuffle_buffer=c.shuffle_buffer,
-        cycle_length=c.cycle_length,
-        num_epochs=c.num_epochs,
-        shard_index=shard_index,
-        shard_count=shard_count,
-        skip_bad_records=c.skip_bad_records,
-        worker_count=c.worker_count,
-        read_threads=c.read_threads,
-        skip_log=skip_log,
+        records_path(c, name), c, batch_size=batch_size, image_size=image_size, seed=seed, train=train,
+        shard_index=shard_index, shard_count=shard_count, skip_log=skip_log,
     )
 
 
@@ -137,7 +122,7 @@ def records_path(c, name: str = "config.data") -> str:
         c.procedural_dir,
         c.procedural_frames,
         c.procedural_size,
-        c.seed,
+        c.procedural_seed,
         c.procedural_shards,
         records.ARRAY_RECORD,
         c.procedural_depth_noise,

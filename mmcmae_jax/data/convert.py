@@ -17,6 +17,7 @@ import sys
 from typing import Iterable
 
 from mmcmae_jax.data import depth_units, records, schema, sources
+from mmcmae_jax.data.sources.source import Frames
 from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.data.pipeline import SkipLog
 from mmcmae_jax.errors import run_reporting
@@ -32,10 +33,12 @@ def write_example_shards(
     source_path: str = "",
     skip_log: SkipLog | None = None,
     overwrite: bool = False,
+    workers: int = 1,
 ) -> list[str]:
     """Check and write examples round-robin into num_shards shards; returns the shard paths.
 
-    A bad frame raises RecordError, or with skip_log is counted there and left out. The shards are
+    A bad frame raises RecordError, or with skip_log is counted there and left out. A source's Frames
+    are made and checked by `workers` processes (the shards are the same for any number). The shards are
     moved into out_dir only when every example is written (records.ShardSetWriter): after an error
     out_dir holds no new shard. An out_dir that already holds record files is refused (RecordError)
     unless overwrite, which replaces them."""
@@ -43,18 +46,13 @@ def write_example_shards(
     written = labelled = 0
     with records.ShardSetWriter(out_dir, prefix, num_shards, fmt, overwrite=overwrite) as shard_set:
         writers = [records.open_writer(p, fmt) for p in shard_set.temporary_paths]
+        if not isinstance(examples, Frames):  # any iterable of examples: checked here, in this process
+            examples = Frames(examples, lambda example: example, skip_log)
         try:
-            for ex in examples:
-                try:
-                    schema.decode_example(ex, path=source_path or ex.source, record=ex.frame_id)
-                except RecordError as e:
-                    if skip_log is None:
-                        raise
-                    skip_log.add(e)
-                    continue
-                writers[written % num_shards].write(schema.serialize_example(ex))
+            for record, has_label in examples.records(workers, source_path):
+                writers[written % num_shards].write(record)
                 written += 1
-                labelled += ex.label is not None
+                labelled += has_label
         finally:
             for w in writers:
                 w.close()
@@ -66,6 +64,12 @@ def write_example_shards(
     print(f"wrote {written} frames ({labelled} with a label map{skipped}) to {num_shards} {fmt} shards in "
           f"{out_dir}", flush=True)
     return paths
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
 
 
 def _plausible_depth(text: str) -> depth_units.PlausibleDepth:
@@ -99,6 +103,10 @@ def _add_shared_arguments(p: argparse.ArgumentParser, source: sources.Source):
     p.add_argument("--num-shards", type=int, default=1)
     p.add_argument("--format", choices=records.FORMATS, default=records.ARRAY_RECORD)
     p.add_argument("--skip-bad", action="store_true", help="count, log and leave out bad frames")
+    if source.frames is not None:  # a source that writes its own shards has its own --workers
+        p.add_argument("--workers", type=_positive_int, default=1,
+                       help="processes that read, check and serialize frames (the shards are the same for "
+                            "any number; docs/data.md has the speed-up)")
     p.add_argument("--debug", action="store_true", help="a failure's traceback instead of its one line "
                    "(also MMCMAE_DEBUG=1)")
     if source.frames is not None:
@@ -139,6 +147,7 @@ def convert(args: argparse.Namespace) -> list[str]:
         source_path=getattr(args, source.input_argument),
         skip_log=skip_log,
         overwrite=args.overwrite,
+        workers=args.workers,
     )
 
 

@@ -233,27 +233,14 @@ def _process_shard(shard_index, shard_count):
 
 def make_pipeline(
     paths_or_pattern,
+    options,
     *,
     batch_size: int,
     image_size: int,
+    seed: int,
     train: bool,
-    seed: int = 0,
-    format: str = "auto",
-    crop_scale=(0.2, 1.0),
-    crop_ratio=(3 / 4, 4 / 3),
-    hflip_prob: float = 0.5,
-    brightness: float = 0.4,
-    contrast: float = 0.4,
-    saturation: float = 0.2,
-    depth_trim: float = 0.1,
-    shuffle_buffer: int = 1024,
-    cycle_length: int = 4,
-    num_epochs: int | None = None,
     shard_index: int | None = None,
     shard_count: int | None = None,
-    skip_bad_records: bool = False,
-    worker_count: int = 0,
-    read_threads: int = 4,
     skip_log: SkipLog | None = None,
 ) -> grain.DatasetIterator:
     """An iterator of batches (dicts of NumPy arrays; see docs/data.md for the contract).
@@ -263,18 +250,17 @@ def make_pipeline(
 
     Args:
       paths_or_pattern: record files, glob patterns, comma-separated lists or directories.
+      options: the data options (`data.default_data_config()`, validated): format, augmentation,
+        readers, workers, epochs, skipping of bad records.
+      batch_size, image_size: per process; seed: of the shuffle and the augmentation.
       train: random augmentation and shuffling; else central crop, file order, no randomness.
-      format: "array_record", "tfrecord" or "auto" (from the file names).
-      num_epochs: None repeats forever when training, and means one pass otherwise.
       shard_index, shard_count: this process's part; default jax.process_index()/process_count().
-      skip_bad_records: count, log and skip bad records (and shards that fail the check) instead of
-        raising.
-      worker_count: grain worker processes (0: in this process).
-      skip_log: receives the skipped records' errors (only with worker_count=0).
+      skip_log: receives the skipped records' errors (only with options.worker_count=0).
     Returns:
       A grain DatasetIterator; get_state()/set_state() round-trip, and grain.checkpoint.CheckpointSave
       / CheckpointRestore (orbax) save it with the model.
     """
+    format, num_epochs, skip_bad_records = options.format, options.num_epochs, options.skip_bad_records
     paths = records.expand_paths(paths_or_pattern)
     formats = {records.detect_format(p) for p in paths} if format == "auto" else {format}
     if len(formats) != 1 or not formats <= set(records.FORMATS):
@@ -286,11 +272,9 @@ def make_pipeline(
     shard_index, shard_count = _process_shard(shard_index, shard_count)
     if num_epochs is None and not train:
         num_epochs = 1
-    options = augment.AugmentOptions(
-        tuple(crop_scale), tuple(crop_ratio), hflip_prob, brightness, contrast, saturation, depth_trim
-    )
     skip_log = skip_log or SkipLog()
-    transform = _FrameTransform(image_size, train, seed, options, skip_bad_records, skip_log)
+    transform = _FrameTransform(image_size, train, seed, augment.AugmentOptions.from_config(options),
+                                skip_bad_records, skip_log)
     paths, counts = check_shards(paths, fmt, skip_log if skip_bad_records else None)
 
     if fmt == records.ARRAY_RECORD:
@@ -305,7 +289,7 @@ def make_pipeline(
         if skip_bad_records:
             ds = ds.filter(_not_none)
         ds = ds.to_iter_dataset(
-            grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * batch_size)
+            grain.ReadOptions(num_threads=options.read_threads, prefetch_buffer_size=2 * batch_size)
         )
     else:
         if len(paths) % shard_count == 0:
@@ -317,13 +301,13 @@ def make_pipeline(
             file_order = file_order.shuffle(seed=seed)
         n_files = len(files)
         datasets = file_order.repeat(num_epochs).map_with_index(_FileDataset(files, first, stride))
-        ds = grain.experimental.InterleaveIterDataset(datasets, cycle_length=min(cycle_length, n_files))
-        if train and shuffle_buffer > 1:
-            ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=shuffle_buffer, seed=seed)
+        ds = grain.experimental.InterleaveIterDataset(datasets, cycle_length=min(options.cycle_length, n_files))
+        if train and options.shuffle_buffer > 1:
+            ds = grain.experimental.WindowShuffleIterDataset(ds, window_size=options.shuffle_buffer, seed=seed)
         ds = ds.map(transform)
         if skip_bad_records:
             ds = ds.filter(_not_none)
     ds = ds.batch(batch_size, drop_remainder=True)
-    if worker_count > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    if options.worker_count > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=options.worker_count))
     return iter(ds)

@@ -38,6 +38,13 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of an expected fa
 PREEMPTED = 143  # the exit status of a run stopped by SIGTERM after saving: not finished, so `&&` stops
 
 
+# What the data config's batch size, image size and seed are now: fields of the run.
+RUN_FIELDS = {"data.batch_size": "the run's: set config.batch_size (global, over all processes)",
+              "data.image_size": "the run's: set config.model.image_size",
+              "data.seed": "the run's: set config.seed (shuffle and augmentation) or data.procedural_seed (the "
+                           "procedural rooms)"}
+
+
 def parse_config_flags(argv):
     """absl's flag parsing (app.run's flags_parser), with a bad flag, a --config file that does not exist
     and an override of a field the config does not have each reported in one line (exit status 2)
@@ -59,6 +66,9 @@ def parse_config_flags(argv):
         hint = ("; two-stage configs (configs/demo.py, configs/m3.py) keep each stage's fields under stage1. "
                 "and stage2., e.g. --config.stage1.batch_size=64"
                 if any(not o.startswith(("--config.stage1.", "--config.stage2.")) for o in overrides) else "")
+        moved = [f"{o} is {RUN_FIELDS[f]}" for o in overrides for f in RUN_FIELDS if o.endswith(f".{f}")]
+        if moved:  # fields the data config once had: the run owns them
+            hint = f"{hint}; {'; '.join(moved)}"
         _usage_error(f"no such config field: {message} (overrides given: {' '.join(overrides)}){hint}")
     except Exception as err:  # noqa: BLE001 -- the config file itself failed: a syntax error, a bad preset
         if debug_requested():

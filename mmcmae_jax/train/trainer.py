@@ -109,15 +109,12 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_field: str = "co
     if config.batch_size % jax.process_count():
         raise ValueError(f"config.batch_size={config.batch_size} must be divisible by the "
                          f"{jax.process_count()} processes")
-    data = config.data.copy_and_resolve_references()
-    with data.unlocked():
-        data.batch_size = config.batch_size // jax.process_count()
-        data.image_size = config.model.image_size
-        data.seed = config.seed
     try:
-        return pipeline_from_config(data, train=True, name=data_field)
+        return pipeline_from_config(config.data, batch_size=config.batch_size // jax.process_count(),
+                                    image_size=config.model.image_size, seed=config.seed, train=True,
+                                    name=data_field)
     except FileNotFoundError as err:  # a path that does not exist: name the field that gave it
-        raise ConfigError(f"{data_field}.path={data.path!r}: {err}") from None
+        raise ConfigError(f"{data_field}.path={config.data.path!r}: {err}") from None
 
 
 def make_trainer_optimizer(config: ml_collections.ConfigDict, update_scale: Callable | None = None):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from mmcmae_jax.config import ConfigError, _check, model_config, validate_init_from_mae, validate_model
+from mmcmae_jax.config import _check, model_config, trainer_fields, validate_model, validate_trainer_fields
 
 TASKS = ("depth", "segmentation")
 
@@ -35,8 +35,7 @@ VIT_PRESETS = {"vit_s16": "S/16", "vit_b16": "B/16", "vit_l16": "L/16"}
 def finetune_config(task: str, num_classes: int = 0) -> ml_collections.ConfigDict:
     """A complete fine-tuning config for `task` ("depth" or "segmentation" with `num_classes`)."""
     from mmcmae_jax.data import default_data_config
-    from mmcmae_jax.train.optim import optim_config
-    config = ml_collections.ConfigDict()
+    config = trainer_fields(ml_collections.ConfigDict())
     config.task = task
     config.num_classes = num_classes            # segmentation: classes 0..C-1 (255 = ignore)
     config.class_names = ()                     # optional, for the per-class IoU table
@@ -58,13 +57,8 @@ def finetune_config(task: str, num_classes: int = 0) -> ml_collections.ConfigDic
         berhu_threshold=0.2,
         max_depth=10.0,      # training pixels beyond it are not counted (0 = no cap)
     ))
-    # Where the RGB encoder starts: a stage-1/stage-2 (or fine-tuning) work directory, an ImageNet MAE
-    # checkpoint, or neither (from scratch). Not both.
-    config.init_from = ""
-    config.init_from_mae = ""
-    # True: start a sin-cos encoder from a checkpoint with a learned position table (a supervised timm
-    # ViT), dropping the table; model.pos_embed="learned" keeps it instead (config.validate_init_from_mae).
-    config.init_from_mae_drop_learned_pos_embed = False
+    # Where the RGB encoder starts (trainer fields): init_from, a stage-1/stage-2 (or fine-tuning) work
+    # directory; init_from_mae, an ImageNet MAE checkpoint; or neither (from scratch). Not both.
     config.freeze_encoder = False              # train the head only; the encoder is a constant
     config.layer_decay = 0.75                  # BEiT layer-wise lr decay; 1.0 = none
     # Data-efficient study: train on this fraction of the (labelled) training frames, chosen by a hash
@@ -73,13 +67,12 @@ def finetune_config(task: str, num_classes: int = 0) -> ml_collections.ConfigDic
     config.label_fraction_seed = 0
     config.subset_dir = ""                     # where the chosen frames are written; "" = WORKDIR/train_subset
 
-    config.optim = optim_config()
     config.optim.update(base_lr=5e-4, b2=0.999, weight_decay=0.05, warmup_steps=100)
-    config.data = default_data_config()        # training frames; batch_size/image_size set from the config
+    # config.data: the training frames
     config.data.update(crop_scale=(0.5, 1.0), brightness=0.2, contrast=0.2, saturation=0.2)
     config.eval_data = default_data_config()   # evaluation frames (central crop, one pass)
     config.eval_data.procedural_dir = "/tmp/mmcmae_jax_procedural_eval"
-    config.eval_data.seed = 1                  # procedural evaluation rooms differ from the training rooms
+    config.eval_data.procedural_seed = 1       # procedural evaluation rooms differ from the training rooms
     config.eval = ml_collections.ConfigDict(dict(
         batch_size=16,
         min_depth=1e-3,
@@ -90,17 +83,11 @@ def finetune_config(task: str, num_classes: int = 0) -> ml_collections.ConfigDic
     ))
 
     config.batch_size = 16
-    config.total_steps = 10_000
-    config.seed = 0
-    config.log_every = 20
     # Evaluate on eval_data every N steps while training, into metrics.jsonl and TensorBoard (stage
     # `finetune_eval`); 0 = only the final parameters (eval.at_end).
     config.eval_every = 0
     config.image_every = 0
-    config.checkpoint_every = 1000
     config.keep_checkpoints = 2
-    config.async_checkpoint = True
-    config.mesh = ml_collections.ConfigDict(dict(fsdp=1))
     return config
 
 
@@ -155,28 +142,13 @@ def validate_finetune(config: ml_collections.ConfigDict):
     _check(config.loss.max_depth >= 0, "loss.max_depth", f"must be >= 0, got {config.loss.max_depth}")
     _check(not (config.init_from and config.init_from_mae), "init_from",
            "set init_from (a pre-training work directory) or init_from_mae (MAE weights), not both")
-    validate_init_from_mae(config)
     _check(0 < config.layer_decay <= 1, "layer_decay", f"{config.layer_decay} not in (0, 1]")
     _check(0 < config.label_fraction <= 1, "label_fraction", f"{config.label_fraction} not in (0, 1]")
     _check(config.eval.batch_size >= 1, "eval.batch_size", f"must be >= 1, got {config.eval.batch_size}")
     _check(0 < config.eval.min_depth < config.eval.max_depth, "eval.min_depth",
            f"need 0 < min_depth < max_depth, got {config.eval.min_depth}, {config.eval.max_depth}")
     _check(config.eval.average in ("image", "pixel"), "eval.average", f"{config.eval.average!r} is not 'image' or 'pixel'")
-    for field in ("batch_size", "total_steps", "log_every", "checkpoint_every", "keep_checkpoints"):
-        _check(int(config[field]) == config[field] and config[field] > 0, field,
-               f"must be a positive integer, got {config[field]!r}")
     whole = isinstance(config.eval_every, int) and not isinstance(config.eval_every, bool)
     _check(whole and config.eval_every >= 0, "eval_every",
            f"must be a whole number of steps >= 0 (0: evaluate only at the end), got {config.eval_every!r}")
-    _check(config.mesh.fsdp >= 1, "mesh.fsdp", f"must be >= 1, got {config.mesh.fsdp}")
-    from mmcmae_jax.train.optim import make_optimizer
-    try:
-        make_optimizer(config.optim, config.total_steps, config.batch_size)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    from mmcmae_jax.data import validate_data_config
-    for field in ("data", "eval_data"):
-        try:
-            validate_data_config(config[field])
-        except ValueError as err:
-            raise ConfigError(f"config.{field}: {err}") from None
+    validate_trainer_fields(config, ("data", "eval_data"))

@@ -27,11 +27,12 @@ def eval_batches(data: ml_collections.ConfigDict, image_size: int, batch_size: i
     from mmcmae_jax.data import pipeline_from_config
     data = data.copy_and_resolve_references()
     with data.unlocked():
-        # One frame per pipeline batch, regrouped here, so no frame is dropped by drop_remainder.
-        data.batch_size, data.image_size, data.num_epochs = 1, image_size, 1
+        data.num_epochs = 1
         data.read_threads = min(data.read_threads, 2)  # grain prefetches 2 x batch_size elements
     frames = []
-    for frame in pipeline_from_config(data, train=False, shard_index=0, shard_count=1, name="config.eval_data"):
+    # One frame per pipeline batch, regrouped here, so no frame is dropped by drop_remainder.
+    for frame in pipeline_from_config(data, batch_size=1, image_size=image_size, seed=0, train=False,
+                                      shard_index=0, shard_count=1, name="config.eval_data"):
         frames.append(frame)
         if len(frames) == batch_size:
             yield _stack(frames, batch_size)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Iterator
 
 from mmcmae_jax.data import depth_units, schema
 from mmcmae_jax.data.errors import RecordError
@@ -15,7 +14,7 @@ from mmcmae_jax.data.sources.images import (
     read_image,
     read_rgb,
 )
-from mmcmae_jax.data.sources.source import Source, guarded, intrinsics_argument
+from mmcmae_jax.data.sources.source import Frames, Source, guarded, intrinsics_argument
 
 
 def _stem_key(path: str) -> str:
@@ -42,7 +41,7 @@ def examples(
     source: str = "folder",
     depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
     skip_log=None,
-) -> Iterator[schema.RGBDExample]:
+) -> Frames:
     """Paired files under root, matched by file stem (leading zeros ignored: 0001.png ~ 000001.png).
 
     depth_encoding "plain": the 16-bit PNG holds units of depth_scale metres (its bytes are stored as

@@ -17,14 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Iterator
 
 import numpy as np
 
 from mmcmae_jax.data import depth_units, schema
 from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.data.sources.images import one_based_labels
-from mmcmae_jax.data.sources.source import Source, guarded
+from mmcmae_jax.data.sources.source import Frames, Source, guarded
 
 # NYU Depth V2 RGB camera (the dataset toolbox's camera_params.m).
 NYU_INTRINSICS = (518.8579, 519.4696, 325.5824, 253.7362)
@@ -150,7 +149,7 @@ def examples(
     label_set: str | None = None,
     depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
     skip_log=None,
-) -> Iterator[schema.RGBDExample]:
+) -> Frames:
     """The labelled frames of nyu_depth_v2_labeled.mat, frame n (1-based) with frame id n as '0001'.
 
     split: None for every frame, else "train" or "test": the frames splits.mat lists for it, in its order
@@ -178,42 +177,46 @@ def examples(
             if name not in f:
                 raise RecordError(mat_path, f"no dataset {name!r}: not the NYU labeled .mat layout")
         n = f["images"].shape[0]
-        if numbers is not None and numbers.max() > n:
+    if numbers is not None and numbers.max() > n:
+        raise RecordError(
+            splits_path, f"{SPLIT_VARIABLES[split]} lists frame {numbers.max()}; {mat_path} has {n} frames"
+        )
+    opened = {}  # process id -> the open .mat: each converting process opens its own
+
+    def one(i):
+        f = opened.get(os.getpid())
+        if f is None:
+            f = opened[os.getpid()] = h5py.File(mat_path, "r")
+        rgb = np.ascontiguousarray(f["images"][i].transpose(2, 1, 0)).astype(np.uint8)
+        depth = np.asarray(f["depths"][i]).T
+        if depth.shape != rgb.shape[:2]:
             raise RecordError(
-                splits_path, f"{SPLIT_VARIABLES[split]} lists frame {numbers.max()}; {mat_path} has {n} frames"
+                mat_path, f"depth size {depth.shape} differs from rgb size {rgb.shape[:2]}", record=i
             )
-
-        def one(i):
-            rgb = np.ascontiguousarray(f["images"][i].transpose(2, 1, 0)).astype(np.uint8)
-            depth = np.asarray(f["depths"][i]).T
-            if depth.shape != rgb.shape[:2]:
+        label = None
+        if lut is not None:
+            raw = np.asarray(f["labels"][i]).T.astype(np.int64)
+            if raw.min() < 0 or raw.max() > NYU_CLASSES:
                 raise RecordError(
-                    mat_path, f"depth size {depth.shape} differs from rgb size {rgb.shape[:2]}", record=i
+                    mat_path, f"frame has class {raw.max()}; NYU's labelled set has {NYU_CLASSES}", record=i
                 )
-            label = None
-            if lut is not None:
-                raw = np.asarray(f["labels"][i]).T.astype(np.int64)
-                if raw.min() < 0 or raw.max() > NYU_CLASSES:
-                    raise RecordError(
-                        mat_path, f"frame has class {raw.max()}; NYU's labelled set has {NYU_CLASSES}", record=i
-                    )
-                label = one_based_labels(lut[raw])
-            units = depth_units.metres_to_units(depth, scale)
-            if not units.any():
-                raise RecordError(mat_path, "frame has no valid depth", record=i)
-            depth_units.check_plausible(units, scale, mat_path, depth_limits, record=i)
-            return schema.example_from_arrays(
-                rgb,
-                units,
-                scale,
-                frame_id=f"{i + 1:04d}",
-                source="nyu_depth_v2",
-                label=label,
-                label_set=label_set if label is not None else None,
-                intrinsics=NYU_INTRINSICS,
-            )
+            label = one_based_labels(lut[raw])
+        units = depth_units.metres_to_units(depth, scale)
+        if not units.any():
+            raise RecordError(mat_path, "frame has no valid depth", record=i)
+        depth_units.check_plausible(units, scale, mat_path, depth_limits, record=i)
+        return schema.example_from_arrays(
+            rgb,
+            units,
+            scale,
+            frame_id=f"{i + 1:04d}",
+            source="nyu_depth_v2",
+            label=label,
+            label_set=label_set if label is not None else None,
+            intrinsics=NYU_INTRINSICS,
+        )
 
-        yield from guarded(range(n) if numbers is None else (numbers - 1).tolist(), one, skip_log)
+    return guarded(range(n) if numbers is None else (numbers - 1).tolist(), one, skip_log)
 
 
 def _add_arguments(p):

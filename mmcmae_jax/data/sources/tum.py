@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterator
 
 from mmcmae_jax.data import depth_units, schema
 from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.data.sources.images import check_same_size, read_depth_png, read_rgb
-from mmcmae_jax.data.sources.source import Source, guarded, intrinsics_argument
+from mmcmae_jax.data.sources.source import Frames, Source, guarded, intrinsics_argument
 
 
 def _read_list(path: str) -> list[tuple[float, str]]:
@@ -54,7 +53,7 @@ def examples(
     intrinsics=None,
     depth_limits: depth_units.PlausibleDepth = depth_units.PlausibleDepth(),
     skip_log=None,
-) -> Iterator[schema.RGBDExample]:
+) -> Frames:
     """A TUM RGB-D sequence: rgb.txt and depth.txt ('timestamp filename'), depth uint16 / 5000 m."""
     rgb_list = _read_list(os.path.join(root, "rgb.txt"))
     depth_list = _read_list(os.path.join(root, "depth.txt"))

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import ml_collections
 
+from mmcmae_jax import modalities
 from mmcmae_jax.errors import ConfigError
 
-MODALITIES = ("rgb", "depth")
-LOSS_TERMS = ("contrastive", "depth", "rgb", "denoise", "distill")
+MODALITIES = tuple(modalities.MODALITIES)  # the modality table's names (modalities.py)
+NOISED = tuple(m for m, spec in modalities.MODALITIES.items() if spec.noised)
+# A reconstruction term per modality, named after it.
+LOSS_TERMS = ("contrastive", *MODALITIES, "denoise", "distill")
 
 
 def model_config() -> ml_collections.ConfigDict:
@@ -148,9 +151,11 @@ def validate_objective(obj: ml_collections.ConfigDict):
         _check(obj.weights[m] > 0, f"objective.weights.{m}", f"target {m!r} is reconstructed, so its weight must be > 0")
     _check(obj.mask_mode in ("independent", "shared", "dirichlet"), "objective.mask_mode", f"{obj.mask_mode!r} unknown")
     no_noise = "objective.depth_noise=False, objective.sigma_embedding=False, objective.weights.denoise=0"
+    noised = [m for m in inputs if m in NOISED]
     if obj.depth_noise:
-        _check("depth" in inputs, "objective.depth_noise",
-               f"noise is added to the depth input, but depth is not among the inputs {inputs}; set {no_noise}")
+        _check(bool(noised), "objective.depth_noise",
+               f"noise is added to the {'/'.join(NOISED)} input, but {'/'.join(NOISED)} is not among the inputs "
+               f"{inputs}; set {no_noise}")
         _check(obj.sigma_max > 0, "objective.sigma_max", f"must be positive, got {obj.sigma_max}")
         _check(obj.sigma_distribution in ("uniform", "lognormal"), "objective.sigma_distribution",
                f"{obj.sigma_distribution!r} is not 'uniform' or 'lognormal'")
@@ -159,8 +164,9 @@ def validate_objective(obj: ml_collections.ConfigDict):
     if obj.weights.denoise > 0:
         _check(obj.depth_noise, "objective.weights.denoise",
                "the denoising loss predicts the noise on the depth input: it needs objective.depth_noise=True")
-        _check("depth" in targets, "objective.weights.denoise",
-               f"the depth head predicts the noise, but depth is not among the targets {targets}; set {no_noise}")
+        _check(all(m in targets for m in noised), "objective.weights.denoise",
+               f"the {'/'.join(noised)} head predicts the noise, but {'/'.join(noised)} is not among the targets "
+               f"{targets}; set {no_noise}")
     _check(obj.distill_beta > 0, "objective.distill_beta", f"must be positive, got {obj.distill_beta}")
     _check(obj.distill_teacher_input in ("full", "visible"), "objective.distill_teacher_input",
            f"{obj.distill_teacher_input!r} is not 'full' or 'visible'")

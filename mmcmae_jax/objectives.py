@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from mmcmae_jax import losses
+from mmcmae_jax.modalities import BATCH_KEYS, MODALITIES
 from mmcmae_jax.models import matmul
 from mmcmae_jax.models.m3 import CrossModalContrastive, MultiModalMAE, max_pool_tokens
 from mmcmae_jax.models.masking import multimodal_masks, random_mask
@@ -32,7 +33,7 @@ class Objective(NamedTuple):
     loss: Callable  # (params, frozen, batch, rng) -> (loss, metrics)
     forward: Callable  # (params, batch, rng) -> dict of model outputs and inputs, for pictures
     teacher: nn.Module | None  # the encoder module that `frozen` parameterises
-    batch_keys: tuple = ("rgb", "depth", "depth_valid")  # the batch fields the loss reads
+    batch_keys: tuple = BATCH_KEYS  # the batch fields the loss reads
 
 
 def _encoder_kwargs(model_cfg) -> dict:
@@ -121,16 +122,19 @@ def _stage2(model_cfg, obj) -> Objective:
                                 {m: obj.mask_ratio[m] for m in inputs}, obj.mask_mode, obj.dirichlet_alpha)
 
     def run(params, batch, rng):
-        """Noise the depth, mask every input, run the model. Returns (out, masks, added_noise, sigma)."""
+        """Noise the noised inputs (depth), mask every input, run the model. Returns (out, masks,
+        {noised modality: added noise}, sigma)."""
         rng_mask, rng_sigma, rng_noise = jax.random.split(rng, 3)
         images = {m: batch[m] for m in inputs}
-        sigma = added_noise = None
+        sigma, added_noise = None, {}
         if obj.depth_noise:
-            sigma = sample_sigma(rng_sigma, batch["depth"].shape[0], obj)
-            # Noise only where depth is valid: holes stay holes (0), as the sensor gives them.
-            added_noise = (sigma[:, None, None, None] * jax.random.normal(rng_noise, batch["depth"].shape)
-                           * batch["depth_valid"])
-            images["depth"] = batch["depth"] + added_noise
+            sigma = sample_sigma(rng_sigma, batch["rgb"].shape[0], obj)
+            for i, m in enumerate(m for m in inputs if MODALITIES[m].noised):
+                e = jax.random.normal(jax.random.fold_in(rng_noise, i) if i else rng_noise, batch[m].shape)
+                added_noise[m] = sigma[:, None, None, None] * e
+                if MODALITIES[m].valid_key:  # noise only where measured: holes stay holes (0), as sensors give them
+                    added_noise[m] = added_noise[m] * batch[MODALITIES[m].valid_key]
+                images[m] = batch[m] + added_noise[m]
         masks = sample_masks(rng_mask, batch)
         return model.apply({"params": params}, images, masks, sigma), masks, added_noise, sigma
 
@@ -149,23 +153,19 @@ def _stage2(model_cfg, obj) -> Objective:
         everything = jnp.ones((batch_size, num_patches))  # a target that is no input is hidden everywhere
         # terms: the losses; trivial: what a prediction that learned nothing scores on the same batch.
         terms, trivial = {}, {}
-        if "depth" in targets:
-            depth_valid = patchify(batch["depth_valid"], patch)
-            depth_mask = masks["depth"].mask if "depth" in inputs else everything
-            depth_target = reconstruction_target(batch["depth"], depth_valid)
-            terms["depth"] = losses.depth_reconstruction_loss(out["pred"]["depth"], depth_target, depth_mask,
-                                                              depth_valid)
-            trivial["depth"] = losses.image_mean_reconstruction_loss(depth_target, depth_mask, depth_valid)
-            if denoise:
-                noise_target = patchify(added_noise, patch)
-                terms["denoise"] = losses.denoising_loss(out["pred"]["depth"], noise_target, masks["depth"].mask,
-                                                         depth_valid)
-                trivial["denoise"] = losses.zero_noise_denoising_loss(noise_target, masks["depth"].mask, depth_valid)
-        if "rgb" in targets:
-            rgb_mask = masks["rgb"].mask if "rgb" in inputs else everything
-            rgb_target = reconstruction_target(batch["rgb"])
-            terms["rgb"] = losses.masked_patch_mse(out["pred"]["rgb"], rgb_target, rgb_mask)
-            trivial["rgb"] = losses.image_mean_reconstruction_loss(rgb_target, rgb_mask, channels=3)
+        for t in sorted(targets):
+            spec = MODALITIES[t]
+            pixel_valid = None  # every value measured
+            if spec.valid_key:  # a (B,H,W,1) field holds for every channel
+                pixel_valid = patchify(jnp.broadcast_to(batch[spec.valid_key], batch[t].shape), patch)
+            hidden = masks[t].mask if t in inputs else everything
+            target = reconstruction_target(batch[t], pixel_valid)
+            terms[t] = spec.reconstruction_loss(out["pred"][t], target, hidden, pixel_valid)
+            trivial[t] = losses.image_mean_reconstruction_loss(target, hidden, pixel_valid, channels=spec.channels)
+            if denoise and t in added_noise:
+                noise_target = patchify(added_noise[t], patch)
+                terms["denoise"] = losses.denoising_loss(out["pred"][t], noise_target, masks[t].mask, pixel_valid)
+                trivial["denoise"] = losses.zero_noise_denoising_loss(noise_target, masks[t].mask, pixel_valid)
         if distill:
             teacher_features = {m: _teacher_features(teacher, frozen[f"{m}_encoder"], batch[m], model_cfg,
                                                      masks[m] if obj.distill_teacher_input == "visible" else None)
@@ -184,7 +184,7 @@ def _stage2(model_cfg, obj) -> Objective:
     def forward(params, batch, rng):
         out, masks, added_noise, sigma = run(params, batch, rng)
         return {"pred": out["pred"], "mask": {m: masks[m].mask for m in masks},
-                "added_noise": added_noise, "sigma": sigma}
+                "added_noise": added_noise.get("depth"), "sigma": sigma}
 
     return Objective(model, init, loss_fn, forward, teacher)
 

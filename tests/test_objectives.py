@@ -299,3 +299,28 @@ def test_bfloat16_compute_keeps_float32_parameters_and_losses(stage, stage1_para
     config.model.dtype = "float32"
     loss32, _ = make_objective(config).loss(params, frozen, batch, jax.random.key(2))
     assert abs(float(loss) - float(loss32)) < 0.05 * abs(float(loss32))
+
+
+def test_a_new_modality_is_one_entry_of_the_modality_table(monkeypatch):
+    """Surface normals as a reconstruction target: one table entry, no other code; the model grows its
+    head and the loss its term, checked against NumPy (normals are no input: every patch is hidden)."""
+    from mmcmae_jax import modalities
+    monkeypatch.setitem(modalities.MODALITIES, "normals", modalities.Modality(channels=3))
+    config = tiny_config(2, "mask3d", targets=("depth", "normals"))
+    with config.objective.weights.unlocked():
+        config.objective.weights.normals = 1.0
+    batch = dict(tiny_batch(seed=3))
+    batch["normals"] = jnp.asarray(np.random.default_rng(4).normal(size=batch["rgb"].shape), jnp.float32)
+    objective = make_objective(config)
+    rng = jax.random.PRNGKey(0)
+    params = objective.init(rng, batch)
+    assert params["normals_head"]["kernel"].shape[-1] == 8 * 8 * 3
+    loss, metrics = objective.loss(params, {}, batch, rng)
+    pred = np.asarray(objective.forward(params, batch, rng)["pred"]["normals"])
+    b, s = batch["normals"].shape[0], 32 // 8
+    patches = np.asarray(batch["normals"]).reshape(b, s, 8, s, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, s * s, -1)
+    np.testing.assert_allclose(float(metrics["normals"]), np.mean((pred - patches) ** 2), rtol=1e-5)
+    image_means = np.asarray(batch["normals"]).reshape(b, 1, 1, -1, 3).mean(axis=3)  # per image and channel
+    trivial = np.mean((patches.reshape(b, s * s, 64, 3) - image_means) ** 2)
+    np.testing.assert_allclose(float(metrics["normals_trivial"]), trivial, rtol=1e-5)
+    np.testing.assert_allclose(float(loss), float(metrics["depth"]) + float(metrics["normals"]), rtol=1e-6)

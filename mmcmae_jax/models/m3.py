@@ -21,12 +21,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mmcmae_jax.modalities import MODALITIES
 from mmcmae_jax.models.masking import Mask, gather_tokens
 from mmcmae_jax.models.matmul import Dense
 from mmcmae_jax.models.vit import Transformer, ViTEncoder, drop_cls, parse_variant, sincos_pos_embed_2d
-
-CHANNELS = {"rgb": 3, "depth": 1}
-
 
 class EncoderFields(nn.Module):
     """Fields shared by both stages' models, and the one place their encoders are built."""
@@ -96,7 +94,9 @@ def max_pool_tokens(tokens: jax.Array, valid: Optional[jax.Array] = None) -> jax
 
 
 class MultiModalMAE(EncoderFields):
-    """Stage 2 (and the MAE-family baselines).
+    """Stage 2 (and the MAE-family baselines), in three steps: encode each input's visible patches,
+    build the decoder's sequence (per modality: visible tokens, and mask tokens where it is a target),
+    decode and predict the patches of every target.
 
     __call__(images {m: (B,H,W,C)}, masks {m: Mask}, sigma (B,) or None) returns
       pred   {t: (B, N, P*P*C_t)} for every target modality t, at every patch position;
@@ -106,7 +106,8 @@ class MultiModalMAE(EncoderFields):
     decoder_depth: int = 4
     decoder_width: int = 256
     decoder_heads: int = 8
-    # sigma embedded into the depth tokens (objective.sigma_embedding); the noise is the caller's to add.
+    # sigma embedded into the noised modality's tokens (objective.sigma_embedding); the noise is the
+    # caller's to add.
     use_sigma_embedding: bool = True
 
     @nn.compact
@@ -114,50 +115,59 @@ class MultiModalMAE(EncoderFields):
                  sigma: Optional[jax.Array] = None):
         patch = parse_variant(self.variant).patch_size
         any_image = images[self.modalities[0]]
-        grid_h, grid_w = any_image.shape[1] // patch, any_image.shape[2] // patch
-        num_patches, batch = grid_h * grid_w, any_image.shape[0]
-        pos = jnp.asarray(sincos_pos_embed_2d(self.decoder_width, grid_h, grid_w))[None]
-
-        pooled, sequences, key_valid, spans = {}, [], [], {}
+        grid = (any_image.shape[1] // patch, any_image.shape[2] // patch)
         encoders = self.make_encoders()
+        sequences, key_valid, spans, pooled = [], [], {}, {}
         for m in sorted(set(self.modalities) | set(self.targets)):
             modality_embed = self.param(f"{m}_modality_embed", nn.initializers.normal(0.02),
                                         (1, 1, self.decoder_width))
-            if m in self.targets:
-                mask_token = self.param(f"{m}_mask_token", nn.initializers.normal(0.02),
-                                        (1, 1, self.decoder_width))
-                mask_tokens = jnp.broadcast_to(mask_token, (batch, num_patches, self.decoder_width))
+            mask_token = (self.param(f"{m}_mask_token", nn.initializers.normal(0.02), (1, 1, self.decoder_width))
+                          if m in self.targets else None)
+            visible = None
             if m in encoders:
-                tokens, _ = encoders[m](images[m], masks[m].keep_idx, masks[m].keep_valid)
-                tokens = drop_cls(tokens, self.use_cls_token)
-                pooled[m] = max_pool_tokens(tokens, masks[m].keep_valid)
-                if m == "depth" and self.use_sigma_embedding:
-                    if sigma is None:
-                        raise ValueError("the model embeds the depth noise level: pass sigma")
-                    tokens = tokens + SigmaEmbedding(tokens.shape[-1], dtype=self.dtype,
-                                                     name="sigma_embed")(sigma)[:, None, :].astype(tokens.dtype)
-                visible = Dense(self.decoder_width, dtype=self.dtype, name=f"{m}_decoder_embed")(tokens)
-            if m in encoders and m not in self.targets:  # context only: its visible tokens
-                seq = visible + gather_tokens(jnp.broadcast_to(pos, (batch,) + pos.shape[1:]), masks[m].keep_idx)
-                valid = masks[m].keep_valid
-            else:  # reconstructed: every position, visible tokens where seen, mask tokens elsewhere
-                if m in encoders:
-                    k = visible.shape[1]
-                    visible = jnp.where(masks[m].keep_valid[..., None], visible, mask_tokens[:, :k])
-                    seq = jnp.concatenate([visible, mask_tokens[:, k:]], axis=1)
-                    seq = gather_tokens(seq, masks[m].restore_idx)
-                else:  # a target that is not an input (e.g. depth from RGB alone)
-                    seq = mask_tokens
-                seq = seq + pos
-                valid = jnp.ones((batch, num_patches), bool)
-            start = sum(s.shape[1] for s in sequences)
+                visible, pooled[m] = self.encode(m, encoders[m], images[m], masks[m], sigma)
+            seq, valid = self.decoder_sequence(m, visible, masks.get(m), mask_token, grid, any_image.shape[0])
+            start = sum(x.shape[1] for x in sequences)
             spans[m] = (start, start + seq.shape[1])
             sequences.append(seq + modality_embed)
             key_valid.append(valid)
+        return {"pred": self.decode(sequences, key_valid, spans, patch), "pooled": pooled}
 
+    def encode(self, m, encoder, image, mask, sigma):
+        """(visible tokens in the decoder's width (B, K, W), max-pooled encoder tokens (B, D)) of one
+        input; a noised modality's tokens get its noise level's embedding."""
+        tokens, _ = encoder(image, mask.keep_idx, mask.keep_valid)
+        tokens = drop_cls(tokens, self.use_cls_token)
+        pooled = max_pool_tokens(tokens, mask.keep_valid)
+        if MODALITIES[m].noised and self.use_sigma_embedding:
+            if sigma is None:
+                raise ValueError(f"the model embeds the {m} noise level: pass sigma")
+            tokens = tokens + SigmaEmbedding(tokens.shape[-1], dtype=self.dtype,
+                                             name="sigma_embed")(sigma)[:, None, :].astype(tokens.dtype)
+        return Dense(self.decoder_width, dtype=self.dtype, name=f"{m}_decoder_embed")(tokens), pooled
+
+    def decoder_sequence(self, m, visible, mask, mask_token, grid, batch):
+        """(sequence (B, L, W), which of its slots attention reads (B, L)) of modality m. An input that is
+        no target gives only its visible tokens; a target gives every position: its visible tokens where
+        seen (when it is an input), mask tokens elsewhere. Both carry the 2-D sin-cos positions."""
+        num_patches = grid[0] * grid[1]
+        pos = jnp.asarray(sincos_pos_embed_2d(self.decoder_width, *grid))[None]
+        if mask_token is None:  # context only
+            seq = visible + gather_tokens(jnp.broadcast_to(pos, (batch,) + pos.shape[1:]), mask.keep_idx)
+            return seq, mask.keep_valid
+        mask_tokens = jnp.broadcast_to(mask_token, (batch, num_patches, self.decoder_width))
+        if visible is None:  # a target that is not an input (e.g. depth from RGB alone)
+            seq = mask_tokens
+        else:
+            k = visible.shape[1]
+            visible = jnp.where(mask.keep_valid[..., None], visible, mask_tokens[:, :k])
+            seq = gather_tokens(jnp.concatenate([visible, mask_tokens[:, k:]], axis=1), mask.restore_idx)
+        return seq + pos, jnp.ones((batch, num_patches), bool)
+
+    def decode(self, sequences, key_valid, spans, patch):
+        """The decoder over every modality's sequence, then each target's head on its span: {t: patches}."""
         x, _ = Transformer(self.decoder_depth, self.decoder_heads, dtype=self.dtype, name="decoder")(
             jnp.concatenate(sequences, axis=1), jnp.concatenate(key_valid, axis=1))
         x = nn.LayerNorm(1e-6, dtype=self.dtype, name="decoder_norm")(x)
-        pred = {t: Dense(patch * patch * CHANNELS[t], dtype=self.dtype, name=f"{t}_head")(
+        return {t: Dense(patch * patch * MODALITIES[t].channels, dtype=self.dtype, name=f"{t}_head")(
             x[:, spans[t][0]:spans[t][1]]).astype(jnp.float32) for t in self.targets}
-        return {"pred": pred, "pooled": pooled}

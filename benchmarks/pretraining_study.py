@@ -105,6 +105,7 @@ CLAIMS = (
     ("m3", "distill", "denoising adds to reconstruction + distillation"),
     ("m3", "denoise", "distillation adds to reconstruction + denoising"),
     ("m3", "noise_only", "the denoising loss adds to noise and σ alone"),
+    ("noise_only", "distill", "noise and σ, without their loss, add to reconstruction + distillation"),
     ("m3_teacher_visible", "m3", "a teacher on the visible patches beats one on the full frame"),
     ("stage1_position", "stage1", "negatives at the same position only beat the whole batch's (stage 1)"),
     ("m3_lognormal_sigma", "m3", "log-normal σ beats uniform σ"),

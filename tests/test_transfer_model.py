@@ -362,3 +362,22 @@ def test_real_data_configs_refuse_an_empty_data_path_at_start(tmp_path, name):
     (tmp_path / "afile").write_text("")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
         run_finetune(config, str(tmp_path / "afile"))
+
+
+def test_training_abs_rel_is_the_evaluations_clipped_abs_rel():
+    """The training log's AbsRel clips the prediction to [eval.min_depth, eval.max_depth] and counts the
+    pixels in that range, as the evaluation does (a raw prediction can be near 0, and AbsRel explode)."""
+    config = tiny("depth")
+    config.eval.update(min_depth=1.5, max_depth=3.0)
+    objective = tobj.make_transfer_objective(config)
+    rng = np.random.default_rng(0)
+    batch = {"rgb": jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32),
+             "depth_m": jnp.asarray(rng.uniform(0.5, 5.0, size=(2, 32, 32, 1)), jnp.float32)}
+    params = objective.init(jax.random.key(0), batch)
+    _, logged = objective.loss(params, {}, batch, None)
+    pred = np.clip(np.asarray(objective.forward(params, batch, None)["pred"]), 1.5, 3.0)
+    target = np.asarray(batch["depth_m"])
+    counted = (target > 1.5) & (target < 3.0)
+    assert 0 < counted.mean() < 1 and (np.asarray(objective.forward(params, batch, None)["pred"]) < 1.5).any()
+    np.testing.assert_allclose(float(logged["abs_rel"]), np.mean(np.abs(pred - target)[counted] / target[counted]),
+                               rtol=1e-5)

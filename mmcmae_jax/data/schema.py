@@ -150,7 +150,7 @@ def serialize_example(ex: RGBDExample) -> bytes:
         feat["camera/intrinsics"].float_list.value.extend(ex.intrinsics)
     if ex.resize_rgb_to_depth:
         feat["rgb/resize_to_depth"].int64_list.value.append(1)
-    return proto.SerializeToString()
+    return proto.SerializeToString(deterministic=True)  # map entries in key order: the same bytes in every process
 
 
 def parse_example(data: bytes, *, path: str = "<bytes>", record=None) -> RGBDExample:

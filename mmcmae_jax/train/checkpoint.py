@@ -72,6 +72,7 @@ class Checkpointer:
 
     def _fail(self, saved_step: int, step: int, err: Exception):
         self._failed = True
+        _quiet_failed_save_teardown()
         try:  # let the save's other writes end before its folder is removed (they would recreate it)
             self.manager.wait_until_finished()
         except Exception:  # noqa: BLE001 -- the failure being reported
@@ -154,6 +155,21 @@ class _DropOrbaxTracebacks(logging.Filter):
 
     def filter(self, record):
         return not (record.exc_info and "orbax" in record.pathname and not debug_requested())
+
+
+class _DropFailedSaveEcho(logging.Filter):
+    """After a failed save the unfinished writes of its other arrays end with the same error, and asyncio
+    logs each one at exit ("exception was never retrieved"): hundreds of lines after the one line."""
+
+    def filter(self, record):
+        return debug_requested() or "exception was never retrieved" not in record.getMessage()
+
+
+def _quiet_failed_save_teardown():
+    """Keep the failure one line: drop asyncio's echoes of the failed save's other writes at exit."""
+    asyncio_logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _DropFailedSaveEcho) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_DropFailedSaveEcho())
 
 
 def _quiet_orbax_tracebacks():

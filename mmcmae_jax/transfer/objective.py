@@ -17,7 +17,7 @@ import numpy as np
 from mmcmae_jax.models import matmul
 from mmcmae_jax.models.vit import parse_variant
 from mmcmae_jax.objectives import Objective, with_matmul_precision
-from mmcmae_jax.transfer import losses
+from mmcmae_jax.transfer import losses, metrics
 from mmcmae_jax.transfer.heads import DenseModel
 
 ENCODER = "rgb_encoder"  # the name pre-training gives the RGB encoder, in stage 1 and stage 2
@@ -79,9 +79,13 @@ def make_transfer_objective(config: ml_collections.ConfigDict) -> Objective:
             loss = losses.silog_loss(pred, target, valid, loss_cfg.silog_lambda, loss_cfg.silog_scale)
         else:
             loss = losses.berhu_loss(pred, target, valid, loss_cfg.berhu_threshold)
-        validf = valid.astype(jnp.float32)
-        abs_rel = jnp.sum(jnp.abs(pred - target) / jnp.where(valid, target, 1.0) * validf) / jnp.maximum(
-            jnp.sum(validf), 1.0)
+        # AbsRel as the evaluation measures it (the prediction clipped to [eval.min_depth, eval.max_depth],
+        # pixels inside that range), pooled over the batch's pixels: a raw prediction can be 0 or below.
+        clipped, measured, counted = metrics.depth_as_measured(pred, target, min_depth=config.eval.min_depth,
+                                                               max_depth=config.eval.max_depth)
+        counted = counted.astype(jnp.float32)
+        abs_rel = jnp.sum(jnp.abs(clipped - measured) / jnp.where(counted > 0, measured, 1.0) * counted) / (
+            jnp.maximum(jnp.sum(counted), 1.0))
         return loss, {loss_cfg.depth: loss, "abs_rel": jax.lax.stop_gradient(abs_rel)}
 
     table = label_table(config)

@@ -42,6 +42,8 @@ class Checkpointer:
         self._failed = False
         self._failed_step = None
         _quiet_orbax_tracebacks()
+        if not getattr(sys.unraisablehook, "drops_closed_loop_callbacks", False):
+            sys.unraisablehook = _drop_closed_loop_callbacks(sys.unraisablehook)
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -170,6 +172,19 @@ def _quiet_failed_save_teardown():
     asyncio_logger = logging.getLogger("asyncio")
     if not any(isinstance(f, _DropFailedSaveEcho) for f in asyncio_logger.filters):
         asyncio_logger.addFilter(_DropFailedSaveEcho())
+
+
+def _drop_closed_loop_callbacks(hook):
+    """An unraisable-exception hook that drops what tensorstore's threads report when a failed save's
+    other writes complete after orbax closed the save's event loop ("Event loop is closed"; a race, up
+    to hundreds of lines beside the one error line), and passes everything else to `hook`."""
+    def unraisablehook(unraisable):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
+            "Event loop is closed")
+        if debug_requested() or not closed_loop:
+            hook(unraisable)
+    unraisablehook.drops_closed_loop_callbacks = True
+    return unraisablehook
 
 
 def _quiet_orbax_tracebacks():

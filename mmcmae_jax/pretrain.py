@@ -55,6 +55,9 @@ def next_steps(config, workdir: str, result) -> list:
     if result.preempted:
         return [("resume from its checkpoint", rerun_command("mmcmae_jax.pretrain"))]
     model = [f"--config.model.variant={config.model.variant}", f"--config.model.image_size={config.model.image_size}"]
+    # The other encoder fields, where they differ from the defaults the next command starts with.
+    model += [f"--config.model.{field}={config.model[field]}" for field, default in
+              (("pos_embed", "sincos"), ("use_cls_token", True)) if config.model[field] != default]
     if config.objective.stage == 1:
         stage2_dir = os.path.join(os.path.dirname(os.path.abspath(workdir)), "stage2")
         return [("stage 2, starting from and distilling this stage 1",

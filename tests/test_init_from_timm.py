@@ -42,6 +42,16 @@ def tiny_finetune(weights, **changes):
     return config
 
 
+def test_two_stage_advice_keeps_the_table_in_both_stages(timm_weights):
+    """In a two-stage config stage 2 starts from stage 1, so a kept table must be learned in both."""
+    from mmcmae_jax.run.start import _check_position_table
+    path, state_dict = timm_weights
+    with pytest.raises(ConfigError) as err:
+        _check_position_table(tiny_finetune(path), state_dict, "stage1.", "stage1")
+    assert "--config.stage1.model.pos_embed=learned --config.stage2.model.pos_embed=learned" in str(err.value)
+    assert "--config.stage1.init_from_mae_drop_learned_pos_embed=True" in str(err.value)
+
+
 def test_fine_tuning_starts_from_a_learned_table_by_dropping_or_keeping_it(timm_weights):
     path, state_dict = timm_weights
     with pytest.raises(ConfigError) as err:
@@ -99,7 +109,7 @@ def test_pretraining_starts_from_a_learned_table_on_the_command_line(timm_weight
     assert run.returncode == 2 and len(lines) == 1, run.stderr[-3000:]
     advice = "--config.stage1.init_from_mae_drop_learned_pos_embed=True"
     assert "not MAE's fixed sin-cos table" in lines[0] and advice in lines[0]
-    assert "--config.stage1.model.pos_embed=learned" in lines[0]
+    assert "--config.stage1.model.pos_embed=learned --config.stage2.model.pos_embed=learned" in lines[0]
     assert not os.path.isdir(tmp_path / "refused" / "stage1" / "checkpoints")  # refused before training
 
     run = pretrain(tmp_path / "run", start, advice)

@@ -157,6 +157,9 @@ def test_pretraining_summary_names_the_next_command(tmp_path):
     stage1.data.path = "/data/scannet"
     (what, command), = next_steps(stage1, "/w/stage1", finished)
     assert "stage 2" in what and "--config.init_from=/w/stage1" in command and "--workdir /w/stage2" in command
+    config.model.pos_embed = "learned"  # an encoder that kept a timm table: the next command must build it too
+    (_, finetune), _ = next_steps(config, "/w/stage2", finished)
+    assert finetune.endswith("--config.model.image_size=32 --config.model.pos_embed=learned")
     preempted = trainer.TrainResult(step=2, metrics={}, history=[], preempted=True)
     (what, command), = next_steps(config, "/w/stage2", preempted)
     assert what == "resume from its checkpoint"

@@ -119,8 +119,11 @@ def _check_position_table(config, weights: dict, prefix: str, name: str) -> None
     try:
         check_position_table(weights, parse_variant(config.model.variant).width)
     except LearnedPositionTableError as err:
-        raise ConfigError(f"{where}: {err.finding}; keep it with --config.{prefix}model.pos_embed=learned, or "
-                          f"drop it with --config.{prefix}init_from_mae_drop_learned_pos_embed=True") from None
+        # Both stages of a two-stage config: stage 2 starts its encoders from stage 1, table included.
+        keep = (" ".join(f"--config.stage{n}.model.pos_embed=learned" for n in (1, 2)) + " (both stages)"
+                if prefix.startswith("stage") else f"--config.{prefix}model.pos_embed=learned")
+        raise ConfigError(f"{where}: {err.finding}; keep it with {keep}, or drop it with "
+                          f"--config.{prefix}init_from_mae_drop_learned_pos_embed=True") from None
     except ValueError as err:  # a table of another width or grid: the weights do not fit this model
         raise ConfigError(f"{where}: {err}") from None
 

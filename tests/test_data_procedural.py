@@ -3,11 +3,13 @@ styles ("rooms", the default, and "varied")."""
 
 import hashlib
 import json
+import os
 
 import numpy as np
 import pytest
 
 from mmcmae_jax.data import config, convert, procedural, records, schema
+from mmcmae_jax.data.errors import RecordError
 
 
 def test_frames_are_deterministic_and_differ_by_index():
@@ -71,6 +73,16 @@ def test_replacing_a_procedural_set_says_what_changed(tmp_path, capsys):
     procedural.ensure_procedural_dataset(str(tmp_path), 3, 24, seed=5, num_shards=1)
     out = capsys.readouterr().out
     assert f"replacing the procedural set in {tmp_path}" in out and "'num_frames': (4, 3)" in out
+
+
+def test_a_procedural_dir_holding_other_records_is_refused_not_emptied(tmp_path):
+    """procedural_dir pointed at a folder of the user's records: nothing of theirs is removed."""
+    theirs = records.shard_name(str(tmp_path), "nyu", 0, 1, records.ARRAY_RECORD)
+    procedural.write_procedural_dataset(str(tmp_path / "src"), 2, 16, seed=0, num_shards=1)
+    os.replace(records.record_files_in(str(tmp_path / "src"))[0], theirs)
+    with pytest.raises(RecordError, match=r"holds 1 record files that are not its procedural set \(nyu-"):
+        procedural.ensure_procedural_dataset(str(tmp_path), 2, 16, seed=0, num_shards=1)
+    assert records.record_files_in(str(tmp_path)) == [theirs]
 
 
 def test_rooms_frames_are_unchanged():

@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from mmcmae_jax.data import depth_units, records, schema
+from mmcmae_jax.data.errors import RecordError
 from mmcmae_jax.progress import say
 
 CLASS_NAMES = ("floor", "wall", "ceiling", "table", "chair", "cabinet", "box", "lamp", "picture")
@@ -1268,6 +1269,7 @@ def ensure_procedural_dataset(
     """The shard paths of a procedural set in out_dir, writing it first unless the same one is there."""
     check_style(style)
     meta_path = os.path.join(out_dir, f"{prefix}.json")
+    meta = None
     if os.path.exists(meta_path):
         with open(meta_path) as f:
             meta = json.load(f)
@@ -1289,6 +1291,15 @@ def ensure_procedural_dataset(
         changed = {k: (meta.get(k), v) for k, v in wanted.items() if meta.get(k) != v}
         say("data", f"replacing the procedural set in {out_dir} ({changed or 'shards missing'}); give each "
                     f"set its own procedural_dir to keep both")
+    # Replacing removes the folder's record files: only ever those of an earlier procedural set.
+    ours = {os.path.basename(p) for p in (meta or {}).get("shards", [])}
+    foreign = [p for p in (records.record_files_in(out_dir) if os.path.isdir(out_dir) else [])
+               if os.path.basename(p) not in ours]
+    if foreign:
+        shown = ", ".join(os.path.basename(p) for p in foreign[:3]) + (" ..." if len(foreign) > 3 else "")
+        raise RecordError(out_dir, f"holds {len(foreign)} record files that are not its procedural set ({shown}); "
+                                   "the procedural set is written to a folder of its own: set procedural_dir to "
+                                   "another folder")
     return write_procedural_dataset(
         out_dir, num_frames, image_size, seed, num_shards, format, depth_noise, prefix=prefix, style=style,
         overwrite=True,

@@ -34,8 +34,8 @@ Expected result (docs/results.md, "Does pre-training work?"): with the probes, t
 beats a random encoder on every metric by more than three spreads and MAE on four of six (not δ1 and
 AbsRel); with `--stage-steps 150` only the segmentation pixel accuracy separates them. M3 matches its
 own stage 1 within noise; reconstruction alone is worse than stage 1, distillation undoes that; M3
-does not beat MAE and loses to the contrastive stage alone on segmentation, but beats the MultiMAE- and
-Mask3D-style baselines on most metrics. Noise without its loss, the teacher on the visible patches and
+does not beat MAE and loses to the contrastive stage alone on segmentation, but beats the Mask3D-style
+baseline on 5 of 6 metrics and the MultiMAE-style one on AbsRel and RMSE. Noise without its loss, the teacher on the visible patches and
 log-normal σ are all within noise of M3. Time on the
 2-core CPU: about 26 min a seed for the quick mode's three arms on an idle machine. Seeds can run as
 parallel processes on one work directory (`--seeds 1`, `--seeds 2`); a run being trained by one

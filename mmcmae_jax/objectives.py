@@ -130,6 +130,7 @@ def _stage2(model_cfg, obj) -> Objective:
         if obj.depth_noise:
             sigma = sample_sigma(rng_sigma, batch["rgb"].shape[0], obj)
             for i, m in enumerate(m for m in inputs if MODALITIES[m].noised):
+                # The first noised modality draws from rng_noise itself (the numbers it always had).
                 e = jax.random.normal(jax.random.fold_in(rng_noise, i) if i else rng_noise, batch[m].shape)
                 added_noise[m] = sigma[:, None, None, None] * e
                 if MODALITIES[m].valid_key:  # noise only where measured: holes stay holes (0), as sensors give them

@@ -38,11 +38,11 @@ _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of an expected fa
 PREEMPTED = 143  # the exit status of a run stopped by SIGTERM after saving: not finished, so `&&` stops
 
 
-# What the data config's batch size, image size and seed are now: fields of the run.
-RUN_FIELDS = {"data.batch_size": "the run's: set config.batch_size (global, over all processes)",
-              "data.image_size": "the run's: set config.model.image_size",
-              "data.seed": "the run's: set config.seed (shuffle and augmentation) or data.procedural_seed (the "
-                           "procedural rooms)"}
+# Fields a data config (data, eval_data) once had, now the run's.
+RUN_FIELDS = {"batch_size": "the run's: set config.batch_size (global, over all processes)",
+              "image_size": "the run's: set config.model.image_size",
+              "seed": "the run's: set config.seed (shuffle and augmentation) or {data}.procedural_seed (the "
+                      "procedural rooms)"}
 
 
 def parse_config_flags(argv):
@@ -66,9 +66,10 @@ def parse_config_flags(argv):
         hint = ("; two-stage configs (configs/demo.py, configs/m3.py) keep each stage's fields under stage1. "
                 "and stage2., e.g. --config.stage1.batch_size=64"
                 if any(not o.startswith(("--config.stage1.", "--config.stage2.")) for o in overrides) else "")
-        moved = [f"{o} is {RUN_FIELDS[f]}" for o in overrides for f in RUN_FIELDS if o.endswith(f".{f}")]
-        if moved:  # fields the data config once had: the run owns them
-            hint = f"{hint}; {'; '.join(moved)}"
+        moved = [f"{o} is " + RUN_FIELDS[o.rsplit(".", 1)[1]].format(data=o[len("--config."):].rsplit(".", 1)[0])
+                 for o in overrides if o.rsplit(".", 1)[1] in RUN_FIELDS and o.rsplit(".", 2)[-2].endswith("data")]
+        if moved:  # fields the data config once had: the run owns them (the stage hint would mislead)
+            hint = f"; {'; '.join(moved)}"
         _usage_error(f"no such config field: {message} (overrides given: {' '.join(overrides)}){hint}")
     except Exception as err:  # noqa: BLE001 -- the config file itself failed: a syntax error, a bad preset
         if debug_requested():

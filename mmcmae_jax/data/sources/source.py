@@ -66,7 +66,9 @@ class Frames:
             yield example
 
     def records(self, workers: int = 1, source_path: str = "") -> Iterator[tuple[bytes, bool]]:
-        """(serialized record, has a label map) of every frame that passes the check, in item order."""
+        """(serialized record, has a label map) of every frame that passes the check, in item order.
+        workers > 1 forks this process: call it from one that has not started JAX computations (the
+        convert command does not), as forked children of a running XLA runtime can deadlock."""
         if workers <= 1:
             for example in self:
                 try:

@@ -91,6 +91,7 @@ def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str, 
     import jax
     import jax.numpy as jnp
     from mmcmae_jax.config import training_config
+    from mmcmae_jax.device_batch import prepare_batch, random_host_batch
     from mmcmae_jax.objectives import make_objective
     from mmcmae_jax.train import sharding
     from mmcmae_jax.train.cost import compiled_flops
@@ -102,28 +103,25 @@ def jax_step(stage: int, variant: str, image_size: int, batch: int, dtype: str, 
     objective = make_objective(config)
     mesh = sharding.make_mesh(1)
     optimizer, schedule = make_trainer_optimizer(config)
-    rng = np.random.default_rng(0)
-    shape = (batch, image_size, image_size)
-    host = {"rgb": rng.normal(size=shape + (3,)).astype(np.float32),
-            "depth": rng.normal(size=shape + (1,)).astype(np.float32),
-            "depth_valid": (rng.random(shape + (1,)) > 0.05).astype(np.float32)}
-    data = sharding.global_batch(host, mesh)
+    host = random_host_batch(np.random.default_rng(0), batch, image_size)
+    data = sharding.global_batch(host, mesh)  # compact, as the pipeline sends it
+    inputs = jax.jit(lambda b: prepare_batch(b, objective.batch_keys, config.data.depth_trim))(data)
 
     def init_state(key):
-        params = objective.init(key, data)
+        params = objective.init(key, inputs)
         return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
     state_sharding = sharding.state_shardings(jax.eval_shape(init_state, jax.random.key(0)), mesh)
     state = jax.jit(init_state, out_shardings=state_sharding)(jax.random.key(0))
     frozen = {}
     if objective.teacher is not None:  # random stand-ins for the stage-1 encoders: the same work
-        frozen = {f"{m}_encoder": objective.teacher.init(jax.random.key(1), data[m])["params"]
+        frozen = {f"{m}_encoder": objective.teacher.init(jax.random.key(1), inputs[m])["params"]
                   for m in config.objective.inputs}
     frozen_sharding = sharding.state_shardings(jax.eval_shape(lambda: frozen), mesh)
     frozen = sharding.put_global(frozen, frozen_sharding)
     seed = jax.random.key(2)
     train_step, initial_watch = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding,
-                                                mesh)
+                                                mesh, config.data.depth_trim)
     watch = initial_watch(state, frozen, data, seed)  # the trainer's on-device record of a non-finite step
     start = time.perf_counter()
     compiled = train_step.lower(state, frozen, data, seed, watch).compile()
@@ -172,7 +170,7 @@ def input_keeps_up(rows: list, batch: int):
 
     from input_pipeline import measure
     from mmcmae_jax.data import procedural
-    print("input pipeline (ArrayRecord, 256 px stored, decode + augment + batch) against the step:", flush=True)
+    print("input pipeline (ArrayRecord, 256 px stored, decode + crop + batch, compact) against the step:", flush=True)
     with tempfile.TemporaryDirectory() as root:
         paths = procedural.write_procedural_dataset(os.path.join(root, "frames"), 256, 256, seed=0, num_shards=2,
                                                     depth_noise=True)
@@ -180,7 +178,7 @@ def input_keeps_up(rows: list, batch: int):
         for row in rows:
             size = CASES[row["case"]][2]
             if size not in per_core:
-                per_core[size] = measure(paths, size, 32, 8, 4)[1]
+                per_core[size] = measure(paths, size, 32, 8, 4, host_float=False)[1]
             need = row["jax_img_s"] / per_core[size]
             print(f"  {row['case']}: {per_core[size]:.0f} frames/s per core at {size}px; the step's "
                   f"{row['jax_img_s']:.1f} img/s needs {need:.2f} cores", flush=True)

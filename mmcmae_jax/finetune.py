@@ -103,7 +103,7 @@ def run_finetune(config, workdir: str, name: str = "finetune"):
     train_config = config.copy_and_resolve_references()
     with train_config.unlocked():
         train_config.data.path = train_data_path(config, workdir)
-    iterator = make_train_iterator(train_config)
+    iterator = make_train_iterator(train_config, labels="label" in objective.batch_keys)
 
     frozen, initial_params = None, None
     if config.freeze_encoder:

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from mmcmae_jax import visualize
+from mmcmae_jax.device_batch import prepare_batch
 from mmcmae_jax.models.vit import parse_variant, unpatchify
 from mmcmae_jax.train import sharding
 
@@ -16,11 +17,12 @@ NUM_EXAMPLES = 4
 
 
 def stage2_picture_fn(objective, config, workdir: str):
-    """images_fn(step, params, global_batch, writer) for the trainer."""
+    """images_fn(step, params, global host batch, writer) for the trainer."""
     patch = parse_variant(config.model.variant).patch_size
     mesh = sharding.make_mesh(config.mesh.fsdp)
 
     def first_examples(params, batch, rng):
+        batch = prepare_batch(batch, objective.batch_keys, config.data.depth_trim)
         out = objective.forward(params, batch, rng)
         return jax.tree.map(lambda x: x[:NUM_EXAMPLES], (out, batch))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from matplotlib import colormaps
 
-from mmcmae_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD  # the batch contract's RGB normalisation
+from mmcmae_jax.device_batch import IMAGENET_MEAN, IMAGENET_STD  # the RGB normalisation of the model inputs
 
 
 def rgb_to_uint8(rgb: np.ndarray, normalised: bool = True) -> np.ndarray:

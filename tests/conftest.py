@@ -38,17 +38,24 @@ def tiny_trainer_config(stage=1, **fields):
 
 
 def random_frames(batch=2, size=32, seed=0, valid_fraction=0.8) -> dict:
-    """Frames of Gaussian noise: rgb, depth and a depth_valid mask with about `valid_fraction` ones."""
+    """Host batches as the pipeline sends them (device_batch.py) of random frames: uniform RGB, no colour
+    jitter, depth 0.5-10 m in millimetres with about `valid_fraction` of the pixels measured."""
     rng = np.random.default_rng(seed)
-    return dict(rgb=rng.normal(size=(batch, size, size, 3)).astype(np.float32),
-                depth=rng.normal(size=(batch, size, size, 1)).astype(np.float32),
-                depth_valid=(rng.random((batch, size, size, 1)) > 1 - valid_fraction).astype(np.float32))
+    shape = (batch, size, size)
+    return dict(rgb=rng.integers(0, 256, shape + (3,), np.uint8),
+                color_jitter=np.tile(np.array([[0, 1, 2], [1, 1, 1]], np.float32), (batch, 1, 1)),
+                depth_units=np.where(rng.random(shape) < valid_fraction, rng.integers(500, 10000, shape), 0)
+                .astype(np.uint16),
+                depth_scale=np.full((batch,), 0.001, np.float32))
 
 
 def tiny_batch(seed=0, batch=2, size=32) -> dict:
-    """random_frames as JAX arrays."""
+    """Model inputs of Gaussian noise, as JAX arrays: rgb, depth and a depth_valid mask (80 % ones)."""
     import jax.numpy as jnp
-    return {k: jnp.asarray(v) for k, v in random_frames(batch, size, seed).items()}
+    rng = np.random.default_rng(seed)
+    return {"rgb": jnp.asarray(rng.normal(size=(batch, size, size, 3)), jnp.float32),
+            "depth": jnp.asarray(rng.normal(size=(batch, size, size, 1)), jnp.float32),
+            "depth_valid": jnp.asarray(rng.random((batch, size, size, 1)) > 0.2, jnp.float32)}
 
 
 def pytest_configure(config):

@@ -205,7 +205,7 @@ def test_cli_folder_then_pipeline(tmp_path):
         )
     )
     assert len(batches) == 2
-    np.testing.assert_allclose(batches[0]["depth_m"][0], 1.0)
+    np.testing.assert_allclose(batches[0]["depth_units"][0] * batches[0]["depth_scale"][0], 1.0, rtol=1e-6)
     np.testing.assert_array_equal(batches[0]["label"], 255)  # no labels: all ignore, fixed shape
 
 

@@ -20,26 +20,35 @@ def data_procedural_shards(tmp_path_factory):
 
 
 def _make(paths, *, batch_size=4, image_size=SIZE, train=True, seed=0, shard_index=0, shard_count=1,
-          skip_log=None, **options):
+          skip_log=None, labels=True, **options):
     return pipeline.make_pipeline(
         paths, config.data_options(**{"shuffle_buffer": 8, **options}), batch_size=batch_size,
         image_size=image_size, seed=seed, train=train, shard_index=shard_index, shard_count=shard_count,
-        skip_log=skip_log)
+        skip_log=skip_log, labels=labels)
 
 
 @pytest.mark.parametrize("fmt", records.FORMATS)
 def test_batch_contract(data_procedural_shards, fmt):
     batch = next(_make(data_procedural_shards[fmt]))
-    assert set(batch) == {"rgb", "depth", "depth_valid", "depth_m", "label"}
-    assert batch["rgb"].shape == (4, SIZE, SIZE, 3) and batch["rgb"].dtype == np.float32
-    for key in ("depth", "depth_valid", "depth_m"):
-        assert batch[key].shape == (4, SIZE, SIZE, 1) and batch[key].dtype == np.float32
-    assert batch["label"].shape == (4, SIZE, SIZE) and batch["label"].dtype == np.int32
-    valid = batch["depth_valid"] > 0
-    assert set(np.unique(batch["depth_valid"])) <= {0.0, 1.0}
-    assert np.all(batch["depth"][~valid] == 0) and np.all(batch["depth_m"][~valid] == 0)
-    assert np.all(batch["depth_m"][valid] > 0)
+    assert set(batch) == {"rgb", "color_jitter", "depth_units", "depth_scale", "label"}
+    assert batch["rgb"].shape == (4, SIZE, SIZE, 3) and batch["rgb"].dtype == np.uint8
+    assert batch["color_jitter"].shape == (4, 2, 3) and batch["color_jitter"].dtype == np.float32
+    assert batch["depth_units"].shape == (4, SIZE, SIZE) and batch["depth_units"].dtype == np.uint16
+    np.testing.assert_allclose(batch["depth_scale"], 0.0002)  # the procedural records' units: 0.2 mm
+    assert batch["label"].shape == (4, SIZE, SIZE) and batch["label"].dtype == np.uint8
+    assert 0 < (batch["depth_units"] == 0).mean() < 0.5  # sensor-like holes, kept as 0
     assert set(np.unique(batch["label"])) <= set(range(len(procedural.CLASS_NAMES)))
+    order, factors = batch["color_jitter"][:, 0], batch["color_jitter"][:, 1]
+    assert all(sorted(row) == [0, 1, 2] for row in order.tolist())
+    assert np.all(np.abs(factors - 1) <= 0.4 + 1e-6) and np.any(factors != 1)
+    without = next(_make(data_procedural_shards[fmt], labels=False))  # pre-training: no labels decoded
+    assert "label" not in without
+    np.testing.assert_array_equal(without["depth_units"], batch["depth_units"])
+
+
+def test_eval_frames_are_not_jittered(data_procedural_shards):
+    batch = next(_make(data_procedural_shards["tfrecord"], train=False))
+    np.testing.assert_array_equal(batch["color_jitter"], np.tile([[0, 1, 2], [1, 1, 1]], (4, 1, 1)))
 
 
 @pytest.mark.parametrize("fmt", records.FORMATS)
@@ -70,44 +79,32 @@ def test_eval_is_deterministic_and_finite(data_procedural_shards):
     b = list(_make(paths, train=False))
     assert len(a) == 3  # one pass, 12 frames, batches of 4
     for x, y in zip(a, b):
-        np.testing.assert_array_equal(x["depth"], y["depth"])
+        np.testing.assert_array_equal(x["depth_units"], y["depth_units"])
 
 
 @pytest.mark.parametrize("fmt", records.FORMATS)
 def test_processes_get_disjoint_parts(data_procedural_shards, fmt):
     paths = data_procedural_shards[fmt]
     parts = [list(_make(paths, train=False, batch_size=1, shard_index=i, shard_count=2)) for i in range(2)]
-    sums = [{float(b["depth_m"].sum()) for b in part} for part in parts]
+    sums = [{int(b["depth_units"].astype(np.int64).sum()) for b in part} for part in parts]
     assert len(parts[0]) + len(parts[1]) == 12 and len(parts[0]) >= 5 and len(parts[1]) >= 5
     assert not sums[0] & sums[1]
-
-
-def test_depth_standardisation_trims_tails():
-    depth = np.linspace(1, 2, 100).reshape(10, 10).astype(np.float32)
-    depth[0, 0] = 50.0  # an outlier the trimmed statistics ignore
-    valid = depth > 0
-    valid[9, 9] = False
-    out = augment.standardize_depth(depth, valid, 0.1)
-    kept = depth[valid]
-    lo, hi = np.quantile(kept, [0.1, 0.9])
-    core = kept[(kept >= lo) & (kept <= hi)]
-    np.testing.assert_allclose(out[5, 5], (depth[5, 5] - core.mean()) / core.std(), rtol=1e-5)
-    assert out[9, 9] == 0
 
 
 def test_geometry_keeps_modalities_aligned():
     # A frame whose left half is near/labelled 1 and right half far/labelled 2, with a hole column.
     rgb = np.zeros((20, 20, 3), np.uint8)
     rgb[:, :10] = 255
-    depth = np.where(np.arange(20)[None] < 10, 1.0, 3.0).repeat(20, 0).astype(np.float32)
+    depth = np.where(np.arange(20)[None] < 10, 1000, 3000).repeat(20, 0).astype(np.uint16)  # mm
     depth[:, 15] = 0
     label = np.where(np.arange(20)[None] < 10, 1, 2).repeat(20, 0).astype(np.int32)
-    frame = schema.DecodedFrame(rgb, depth, label, "x")
-    rgb_o, depth_o, valid_o, label_o = augment.resize_frame(frame, (0, 0, 20, 20), 10, flip=True)
+    frame = schema.DecodedFrame(rgb, depth, 0.001, label, "x")
+    rgb_o, depth_o, label_o = augment.resize_frame(frame, (0, 0, 20, 20), 10, flip=True)
+    valid_o = depth_o > 0
     assert set(np.unique(label_o)) == {1, 2}  # nearest neighbour: no invented classes
     np.testing.assert_array_equal(label_o[:, -1], 1)  # flipped: the left half is now on the right
-    np.testing.assert_array_equal(depth_o[:, 7:], 1.0)  # away from the edge, depth moved with labels
-    assert depth_o[valid_o].min() >= 1.0 and depth_o.max() <= 3.0  # holes never pull depth to 0
+    np.testing.assert_array_equal(depth_o[:, 7:], 1000)  # away from the edge, depth moved with labels
+    assert depth_o[valid_o].min() >= 1000 and depth_o.max() <= 3000  # holes never pull depth to 0
     assert np.all(depth_o[valid_o] > 0) and not valid_o.all()  # the hole column survives, unblurred
     assert np.all(rgb_o[:, -1] == 255)
 
@@ -139,7 +136,8 @@ def test_grain_workers_give_the_same_batches(data_procedural_shards):
         in_process = [next(it) for it in [_make(paths, train=False)] for _ in range(2)]
         with_worker = [next(it) for it in [_make(paths, train=False, worker_count=1)] for _ in range(2)]
         for a, b in zip(in_process, with_worker):
-            np.testing.assert_array_equal(a["depth"], b["depth"])
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_orbax_checkpoints_the_iterator(data_procedural_shards, tmp_path):

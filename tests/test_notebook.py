@@ -21,13 +21,13 @@ CELL_TIMEOUT_S = 300
 # Run after the fine-tuning figure: each drawn frame's AbsRel through the evaluation's own jitted step
 # (a batch weighted to that frame alone), to compare with the AbsRel the figure shows.
 FIGURE_CHECK_CELL = """
-from mmcmae_jax.transfer.evaluation import make_eval_step
+from mmcmae_jax.transfer.evaluation import EVAL_FIELDS, make_eval_step
 eval_step = make_eval_step(ft_config)
 evaluated = []
 for i in range(len(eval_batch["rgb"])):
     weight = np.zeros(len(eval_batch["rgb"]), np.float32)
     weight[i] = 1.0
-    sums = jax.device_get(eval_step(ft_params, {k: eval_batch[k] for k in ("rgb", "depth_m")}, weight))
+    sums = jax.device_get(eval_step(ft_params, {k: host_batch[k] for k in EVAL_FIELDS}, weight))
     evaluated.append(metrics.depth_metrics(sums)["abs_rel"])
 print("FIGURE CHECK", json.dumps({"figure": FIGURE_ABS_REL, "evaluation": evaluated}))
 """

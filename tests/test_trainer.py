@@ -193,7 +193,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path)
     def batch(step):
         frames = random_frames(batch=4, seed=step, valid_fraction=1.0)
         if step == 4:  # a corrupt frame reaches the model in the 5th step
-            frames["rgb"][0, 0, 0, 0] = np.nan
+            frames["depth_scale"][0] = np.nan  # a frame whose depth is NaN reaches the model
         return frames
 
     iterator = iter(grain.MapDataset.range(100).map(batch).to_iter_dataset())

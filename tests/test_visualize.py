@@ -192,9 +192,16 @@ def test_trainer_pictures_are_the_titled_grid():
     import jax.numpy as jnp
     from mmcmae_jax import pictures
     from mmcmae_jax.config import training_config
-    out, inputs = stage2_outputs()
+    from mmcmae_jax.device_batch import prepare_batch_numpy, random_host_batch
+    from mmcmae_jax.modalities import BATCH_KEYS
+    out, _ = stage2_outputs()
+    host = random_host_batch(np.random.default_rng(0), 2, 32)
+    config = training_config(2)
+    inputs = prepare_batch_numpy(host, BATCH_KEYS, config.data.depth_trim)  # what the step makes of the batch
 
     class Objective:  # a stage-2 objective whose forward gives the outputs above
+        batch_keys = BATCH_KEYS
+
         def forward(self, params, batch, rng):
             return jax.tree.map(jnp.asarray, out)
 
@@ -203,10 +210,9 @@ def test_trainer_pictures_are_the_titled_grid():
             written.update(step=step, tag=tag, image=image, png_path=png_path)
 
     written = {}
-    config = training_config(2)
     config.model.update(variant="64x2x2/8", image_size=32)
     write = pictures.stage2_picture_fn(Objective(), config, "/w")
-    write(7, {}, jax.tree.map(jnp.asarray, inputs), Writer())
+    write(7, {}, jax.tree.map(jnp.asarray, host), Writer())
     expected = visualize.figure_to_image(pictures.stage2_figure(out, inputs, 8, "step 7: training batch"))
     assert written["step"] == 7 and written["png_path"] == "/w/images/step_000007.png"
     assert written["image"].shape == expected.shape

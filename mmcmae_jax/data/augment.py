@@ -1,5 +1,5 @@
-"""Per-frame transforms: joint geometric augmentation, RGB-only photometric augmentation, and the
-normalisation of RGB and depth that the batch contract fixes.
+"""Per-frame transforms on the host: joint geometric augmentation, the draw of the photometric one, and
+the compact arrays of the batch contract (device_batch.py normalises them on the device).
 
 Geometry (crop, resize, flip) moves RGB, depth, validity and labels together. RGB is resized
 bilinearly; labels and the validity mask by nearest neighbour (no invented classes, no half-valid
@@ -17,10 +17,6 @@ from PIL import Image
 
 from mmcmae_jax.data.schema import IGNORE_LABEL, DecodedFrame
 
-IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
-# Floor on the trimmed std of depth (metres): a nearly flat frame is not blown up into noise.
-MIN_DEPTH_STD_M = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,76 +64,74 @@ def center_crop_box(height: int, width: int):
     return left, top, left + side, top + side
 
 
-def resize_frame(frame: DecodedFrame, box, size: int, flip: bool):
-    """Crop `box` of every modality and resize to size x size; returns rgb uint8, depth_m, valid, label."""
+def resize_frame(frame: DecodedFrame, box, size: int, flip: bool, labels: bool = True):
+    """Crop `box` of every modality and resize to size x size; returns rgb uint8, depth in the frame's
+    units (uint16, 0 = not measured), and label uint8 (None without `labels`). Flipped arrays are views:
+    batching copies them."""
     out = (size, size)
     rgb = np.asarray(Image.fromarray(frame.rgb).resize(out, Image.BILINEAR, box=box))
-    valid = (frame.depth_m > 0) & np.isfinite(frame.depth_m)
-    depth = np.where(valid, frame.depth_m, 0).astype(np.float32)
+    valid = frame.depth_units > 0
     weight = np.asarray(Image.fromarray(valid.astype(np.float32)).resize(out, Image.BILINEAR, box=box))
-    summed = np.asarray(Image.fromarray(depth).resize(out, Image.BILINEAR, box=box))
+    summed = np.asarray(Image.fromarray(frame.depth_units.astype(np.float32)).resize(out, Image.BILINEAR, box=box))
     valid_nn = np.asarray(Image.fromarray(valid.astype(np.uint8)).resize(out, Image.NEAREST, box=box)) > 0
     valid_out = valid_nn & (weight > 1e-6)
-    depth_out = np.where(valid_out, summed / np.maximum(weight, 1e-6), 0).astype(np.float32)
-    if frame.label is None:
-        label = np.full(out, IGNORE_LABEL, np.int32)
-    else:
-        label = np.asarray(Image.fromarray(frame.label.astype(np.int32)).resize(out, Image.NEAREST, box=box))
-        label = label.astype(np.int32)
+    # A weighted mean of uint16 values stays in range; a measured pixel never rounds to 0 ("none").
+    depth = np.where(valid_out, np.maximum(np.rint(summed / np.maximum(weight, 1e-6)), 1), 0).astype(np.uint16)
+    label = None
+    if labels and frame.label is None:
+        label = np.full(out, IGNORE_LABEL, np.uint8)
+    elif labels:
+        if frame.label.dtype != np.uint8 and frame.label.size and (frame.label.min() < 0 or frame.label.max() > 255):
+            raise BatchRangeError(f"label holds class ids in [{frame.label.min()}, {frame.label.max()}]; the "
+                                  f"batch carries labels as uint8: ids 0-254, {IGNORE_LABEL} for none")
+        label = np.asarray(Image.fromarray(frame.label.astype(np.uint8)).resize(out, Image.NEAREST, box=box))
     if flip:
-        rgb, depth_out, valid_out, label = (a[:, ::-1] for a in (rgb, depth_out, valid_out, label))
-    return rgb, depth_out, valid_out, label
+        rgb, depth = rgb[:, ::-1], depth[:, ::-1]
+        label = None if label is None else label[:, ::-1]
+    return rgb, depth, label
 
 
-def color_jitter(
-    rng: np.random.Generator, rgb: np.ndarray, brightness: float, contrast: float, saturation: float
+def draw_color_jitter(
+    rng: np.random.Generator | None, brightness: float, contrast: float, saturation: float
 ) -> np.ndarray:
-    """Brightness, contrast and saturation factors drawn from [1-s, 1+s], applied in a random order
-    (as torchvision's ColorJitter) to rgb floats in [0, 1]."""
-    for op in rng.permutation(3):
-        if op == 0 and brightness > 0:
-            rgb = rgb * rng.uniform(1 - brightness, 1 + brightness)
-        elif op == 1 and contrast > 0:
-            grey_mean = np.mean(rgb @ np.array([0.299, 0.587, 0.114], np.float32))
-            rgb = grey_mean + (rgb - grey_mean) * rng.uniform(1 - contrast, 1 + contrast)
-        elif op == 2 and saturation > 0:
-            grey = (rgb @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-            rgb = grey + (rgb - grey) * rng.uniform(1 - saturation, 1 + saturation)
-        rgb = np.clip(rgb, 0, 1)
-    return rgb.astype(np.float32)
+    """(2, 3) float32: the colour operations in a random order (0 brightness, 1 contrast, 2 saturation)
+    and their factors, drawn from [1-s, 1+s] as torchvision's ColorJitter draws them; an operation of
+    strength 0 keeps factor 1 (not applied). rng=None: no jitter. Applied on the device
+    (device_batch.apply_color_jitter)."""
+    jitter = np.array([[0, 1, 2], [1, 1, 1]], np.float32)
+    if rng is None:
+        return jitter
+    strengths = (brightness, contrast, saturation)
+    for position, op in enumerate(rng.permutation(3)):
+        jitter[0, position] = op
+        if strengths[op] > 0:
+            jitter[1, position] = rng.uniform(1 - strengths[op], 1 + strengths[op])
+    return jitter
 
 
-def standardize_depth(depth_m: np.ndarray, valid: np.ndarray, trim: float) -> np.ndarray:
-    """(d - mean) / std over valid pixels, mean and std taken with `trim` of each tail cut off
-    (MultiMAE's depth normalisation); invalid pixels are 0."""
-    values = depth_m[valid]
-    if values.size == 0:
-        return np.zeros_like(depth_m, np.float32)
-    lo, hi = np.quantile(values, [trim, 1 - trim]) if trim > 0 else (values.min(), values.max())
-    kept = values[(values >= lo) & (values <= hi)]
-    kept = kept if kept.size else values
-    std = max(float(kept.std()), MIN_DEPTH_STD_M)
-    return np.where(valid, (depth_m - kept.mean()) / std, 0).astype(np.float32)
+class BatchRangeError(ValueError):
+    """A value the batch's compact types cannot hold (a class id beyond 255)."""
 
 
 def transform_frame(
-    frame: DecodedFrame, rng: np.random.Generator | None, size: int, options: AugmentOptions
+    frame: DecodedFrame, rng: np.random.Generator | None, size: int, options: AugmentOptions, labels: bool = True
 ) -> dict:
-    """One frame to the batch contract's arrays. rng=None: evaluation (central crop, no randomness)."""
-    height, width = frame.depth_m.shape
+    """One frame to the batch contract's compact arrays (device_batch.py): rgb uint8, color_jitter,
+    depth_units uint16, depth_scale and, with `labels`, label uint8. rng=None: evaluation (central crop,
+    no randomness)."""
+    height, width = frame.depth_units.shape
     if rng is None:
         box, flip = center_crop_box(height, width), False
     else:
         box = random_resized_crop_box(rng, height, width, options.crop_scale, options.crop_ratio)
         flip = bool(rng.random() < options.hflip_prob)
-    rgb, depth_m, valid, label = resize_frame(frame, box, size, flip)
-    rgb = rgb.astype(np.float32) / 255.0
-    if rng is not None:
-        rgb = color_jitter(rng, rgb, options.brightness, options.contrast, options.saturation)
-    return {
-        "rgb": ((rgb - IMAGENET_MEAN) / IMAGENET_STD).astype(np.float32),
-        "depth": standardize_depth(depth_m, valid, options.depth_trim)[..., None],
-        "depth_valid": valid.astype(np.float32)[..., None],
-        "depth_m": depth_m[..., None],
-        "label": np.ascontiguousarray(label, dtype=np.int32),
+    rgb, depth, label = resize_frame(frame, box, size, flip, labels)
+    out = {
+        "rgb": rgb,
+        "color_jitter": draw_color_jitter(rng, options.brightness, options.contrast, options.saturation),
+        "depth_units": depth,
+        "depth_scale": np.float32(frame.depth_scale),
     }
+    if labels:
+        out["label"] = label
+    return out

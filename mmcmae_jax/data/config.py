@@ -98,15 +98,15 @@ def validate_data_config(c) -> None:
 
 def pipeline_from_config(
     c, *, batch_size: int, image_size: int, seed: int, train: bool, shard_index: int | None = None,
-    shard_count: int | None = None, skip_log=None, name: str = "config.data",
+    shard_count: int | None = None, skip_log=None, name: str = "config.data", labels: bool = True,
 ):
     """Validate `c` (the config section `name`) and build the pipeline of batches of `batch_size` frames
     at `image_size` (augmentation seeded by `seed`); an empty path makes (once) and reads the procedural
-    set."""
+    set. labels=False: no label decoded or sent."""
     validate_data_config(c)
     return pipeline.make_pipeline(
         records_path(c, name), c, batch_size=batch_size, image_size=image_size, seed=seed, train=train,
-        shard_index=shard_index, shard_count=shard_count, skip_log=skip_log,
+        shard_index=shard_index, shard_count=shard_count, skip_log=skip_log, labels=labels,
     )
 
 

@@ -158,18 +158,22 @@ class CheckedTFRecordIterDataset(grain.IterDataset):
 class _FrameTransform:
     """Raw element -> batch-contract dict (or None in skip mode), seeded by the element's key."""
 
-    def __init__(self, image_size, train, seed, options, skip_bad_records, skip_log):
+    def __init__(self, image_size, train, seed, options, skip_bad_records, skip_log, labels):
         self.image_size, self.train, self.seed = image_size, train, seed
         self.options, self.skip, self.skip_log = options, skip_bad_records, skip_log
+        self.labels = labels
 
     def __call__(self, element: _Element):
         try:
             if element.error is not None:
                 raise element.error
             ex = schema.parse_example(element.data, path=element.path, record=element.record)
-            frame = schema.decode_example(ex, path=element.path, record=element.record)
+            frame = schema.decode_example(ex, path=element.path, record=element.record, labels=self.labels)
             rng = np.random.default_rng([self.seed, *element.rng_key]) if self.train else None
-            return augment.transform_frame(frame, rng, self.image_size, self.options)
+            try:
+                return augment.transform_frame(frame, rng, self.image_size, self.options, self.labels)
+            except augment.BatchRangeError as e:
+                raise RecordError(element.path, str(e), record=element.record) from None
         except RecordError as e:
             if element.offset is not None and e.offset is None:
                 e = RecordError(e.path, e.reason, record=e.record, offset=element.offset)
@@ -242,8 +246,10 @@ def make_pipeline(
     shard_index: int | None = None,
     shard_count: int | None = None,
     skip_log: SkipLog | None = None,
+    labels: bool = True,
 ) -> grain.DatasetIterator:
-    """An iterator of batches (dicts of NumPy arrays; see docs/data.md for the contract).
+    """An iterator of batches: dicts of compact NumPy arrays (rgb uint8, color_jitter, depth_units uint16,
+    depth_scale, label uint8; device_batch.py and docs/data.md), which device_batch.prepare_batch normalises.
 
     Every shard is checked before the iterator is returned (check_shards), and a directory's shards must
     form one set (records.expand_paths).
@@ -256,6 +262,7 @@ def make_pipeline(
       train: random augmentation and shuffling; else central crop, file order, no randomness.
       shard_index, shard_count: this process's part; default jax.process_index()/process_count().
       skip_log: receives the skipped records' errors (only with options.worker_count=0).
+      labels: decode the class labels and send them (pre-training reads none).
     Returns:
       A grain DatasetIterator; get_state()/set_state() round-trip, and grain.checkpoint.CheckpointSave
       / CheckpointRestore (orbax) save it with the model.
@@ -274,7 +281,7 @@ def make_pipeline(
         num_epochs = 1
     skip_log = skip_log or SkipLog()
     transform = _FrameTransform(image_size, train, seed, augment.AugmentOptions.from_config(options),
-                                skip_bad_records, skip_log)
+                                skip_bad_records, skip_log, labels)
     paths, counts = check_shards(paths, fmt, skip_log if skip_bad_records else None)
 
     if fmt == records.ARRAY_RECORD:

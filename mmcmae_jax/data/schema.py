@@ -51,12 +51,19 @@ class RGBDExample:
 
 @dataclasses.dataclass(frozen=True)
 class DecodedFrame:
-    """Pixels of one frame: rgb uint8 (H,W,3), depth in metres float32 (H,W), label int32 (H,W)|None."""
+    """Pixels of one frame: rgb uint8 (H,W,3), depth as stored, uint16 (H,W) units of depth_scale metres
+    (0 = no measurement), label int32 (H,W)|None."""
 
     rgb: np.ndarray
-    depth_m: np.ndarray
+    depth_units: np.ndarray
+    depth_scale: float
     label: np.ndarray | None
     frame_id: str
+
+    @property
+    def depth_m(self) -> np.ndarray:
+        """Depth in metres, float32 (0 = no measurement)."""
+        return depth_units.units_to_metres(self.depth_units, self.depth_scale)
 
 
 def encode_png(array: np.ndarray) -> bytes:
@@ -210,8 +217,9 @@ def _decode_image(data: bytes, what: str, path, record, size: tuple[int, int] | 
         ) from None
 
 
-def decode_example(ex: RGBDExample, *, path: str = "<bytes>", record=None) -> DecodedFrame:
-    """Decode pixels and check the frame is usable; any problem raises RecordError."""
+def decode_example(ex: RGBDExample, *, path: str = "<bytes>", record=None, labels: bool = True) -> DecodedFrame:
+    """Decode pixels and check the frame is usable; any problem raises RecordError. labels=False: the
+    label image is neither decoded nor checked (label None)."""
     where = dict(path=path, record=record if record is not None else ex.frame_id)
     units = _decode_image(ex.depth, "depth", **where)
     if units.ndim != 2:
@@ -231,8 +239,12 @@ def decode_example(ex: RGBDExample, *, path: str = "<bytes>", record=None) -> De
         raise RecordError(
             path, f"depth scale {ex.depth_scale} is not a positive number", record=where["record"]
         )
-    depth_m = depth_units.units_to_metres(units, ex.depth_scale)
-    if not depth_units.valid_depth_mask(depth_m).any():
+    if units.dtype not in (np.uint8, np.uint16):  # a PNG holds at most 16 bits; say so if that ever changes
+        if units.min() < 0 or units.max() > np.iinfo(np.uint16).max:
+            raise RecordError(path, f"depth values span [{units.min()}, {units.max()}], beyond uint16",
+                              record=where["record"])
+    units = units.astype(np.uint16, copy=False)
+    if not units.any():
         raise RecordError(path, "frame has no valid depth (all zero)", record=where["record"])
     if ex.intrinsics is not None and not (
         np.all(np.isfinite(ex.intrinsics)) and ex.intrinsics[0] > 0 and ex.intrinsics[1] > 0
@@ -241,11 +253,11 @@ def decode_example(ex: RGBDExample, *, path: str = "<bytes>", record=None) -> De
             path, f"intrinsics {ex.intrinsics} are not finite positive focal lengths", record=where["record"]
         )
     label = None
-    if ex.label is not None:
+    if labels and ex.label is not None:
         label = _decode_image(ex.label, "label", **where)
         if label.shape != rgb.shape[:2]:
             raise RecordError(
                 path, f"label size {label.shape} and rgb size {rgb.shape[:2]} differ", record=where["record"]
             )
         label = label.astype(np.int32)
-    return DecodedFrame(rgb=rgb, depth_m=depth_m, label=label, frame_id=ex.frame_id)
+    return DecodedFrame(rgb=rgb, depth_units=units, depth_scale=ex.depth_scale, label=label, frame_id=ex.frame_id)

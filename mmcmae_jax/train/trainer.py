@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from mmcmae_jax.device_batch import host_fields, prepare_batch
 from mmcmae_jax.errors import NonFiniteError
 from mmcmae_jax.objectives import Objective
 from mmcmae_jax.progress import say
@@ -41,8 +42,12 @@ class TrainResult:
     seconds_per_step: float | None = None  # mean step time after the first (compiling) step; None: too few
 
 
-def make_train_step(objective: Objective, optimizer, schedule, state_sharding, frozen_sharding, mesh):
+def make_train_step(objective: Objective, optimizer, schedule, state_sharding, frozen_sharding, mesh,
+                    depth_trim: float):
     """(the jitted step (state, frozen, batch, seed, watch) -> (state, metrics, watch), initial_watch).
+
+    `batch` is the compact host batch (device_batch.py); the step makes the model's fields from it
+    (`depth_trim`: the data config's).
 
     `watch` stays on the device: the first step whose metrics (loss, grad_norm, ...) are not all finite,
     and those metrics. The host reads it only where it reads the metrics anyway (`check_finite`), so a bad
@@ -54,6 +59,7 @@ def make_train_step(objective: Objective, optimizer, schedule, state_sharding, f
     @jax.jit
     def step_and_metrics(state, frozen, batch, seed):
         rng = jax.random.fold_in(seed, state["step"])
+        batch = prepare_batch(batch, objective.batch_keys, depth_trim)
         grad_fn = jax.value_and_grad(objective.loss, has_aux=True)
         (loss, metrics), grads = grad_fn(state["params"], frozen, batch, rng)
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
@@ -101,9 +107,9 @@ def check_finite(step: int, watch: dict):
                          "input data, or resume from the last checkpoint.")
 
 
-def make_train_iterator(config: ml_collections.ConfigDict, data_field: str = "config.data"):
+def make_train_iterator(config: ml_collections.ConfigDict, data_field: str = "config.data", labels: bool = False):
     """The grain iterator of this process's share of every global batch, at the model's image size;
-    `data_field` names config.data in errors."""
+    `data_field` names config.data in errors; `labels`: decode and send the class labels."""
     from mmcmae_jax.data import pipeline_from_config
     from mmcmae_jax.errors import ConfigError
     if config.batch_size % jax.process_count():
@@ -112,7 +118,7 @@ def make_train_iterator(config: ml_collections.ConfigDict, data_field: str = "co
     try:
         return pipeline_from_config(config.data, batch_size=config.batch_size // jax.process_count(),
                                     image_size=config.model.image_size, seed=config.seed, train=True,
-                                    name=data_field)
+                                    name=data_field, labels=labels)
     except FileNotFoundError as err:  # a path that does not exist: name the field that gave it
         raise ConfigError(f"{data_field}.path={config.data.path!r}: {err}") from None
 
@@ -130,8 +136,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
           evaluate_fn: Callable | None = None) -> TrainResult:
     """Train `objective` for config.total_steps, resuming from `workdir` if it holds checkpoints.
 
-    data_iterator: yields per-process batches (dicts of NumPy arrays); has get_state()/set_state().
-    images_fn(step, params, global_batch, writer): picture summaries every config.image_every steps.
+    data_iterator: yields per-process host batches (device_batch.py); has get_state()/set_state().
+    images_fn(step, params, global host batch, writer): picture summaries every config.image_every steps.
     evaluate_fn(step, params) -> {name: number} or None: an evaluation every config.eval_every steps
       (a fine-tuning field; not at the last step, which the command evaluates after the run), logged
       to metrics.jsonl and TensorBoard. Called on every process.
@@ -148,11 +154,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
     optimizer, schedule = make_trainer_optimizer(config, update_scale)
 
     first_batch = next(data_iterator)
-    missing = [k for k in objective.batch_keys if k not in first_batch]
+    keys = list(host_fields(objective.batch_keys))
+    missing = [k for k in keys if k not in first_batch]
     if missing:
         raise KeyError(f"the input batches lack {missing}, which {name} reads (it has {sorted(first_batch)})")
-    keys = list(objective.batch_keys)
-    sample = {k: jnp.zeros((global_batch,) + first_batch[k].shape[1:], first_batch[k].dtype) for k in keys}
+    depth_trim = config.data.depth_trim
+    host_sample = {k: jax.ShapeDtypeStruct((global_batch,) + first_batch[k].shape[1:], first_batch[k].dtype)
+                   for k in keys}
+    sample = {k: jnp.zeros(s.shape, s.dtype) for k, s in jax.eval_shape(
+        lambda b: prepare_batch(b, objective.batch_keys, depth_trim), host_sample).items()}
 
     def init_state(rng):
         params = objective.init(rng, sample)
@@ -184,7 +194,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, data_iterator: Iterat
     step = first_step = int(state["step"])
     eval_every = config.get("eval_every", 0) if evaluate_fn is not None else 0
 
-    train_step, initial_watch = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh)
+    train_step, initial_watch = make_train_step(objective, optimizer, schedule, state_sharding, frozen_sharding, mesh,
+                                                depth_trim)
     seed = jax.jit(lambda: jax.random.key(config.seed + 1), out_shardings=sharding.replicated(mesh))()
     watch = initial_watch(state, frozen, sharding.global_batch({k: first_batch[k] for k in keys}, mesh), seed)
     writer = MetricWriter(workdir, name, config.total_steps)

@@ -16,14 +16,20 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from mmcmae_jax.device_batch import prepare_batch
 from mmcmae_jax.train import sharding
 from mmcmae_jax.transfer import metrics
 from mmcmae_jax.transfer.objective import label_table, predict_fn, remap_labels
 
 
+EVAL_FIELDS = ("rgb", "depth_units", "depth_scale", "label")  # host fields (device_batch.py); no colour jitter in evaluation
+# The model fields an evaluation reads, made on the device from EVAL_FIELDS.
+EVAL_INPUTS = ("rgb", "depth_m", "label")
+
+
 def eval_batches(data: ml_collections.ConfigDict, image_size: int, batch_size: int):
     """Every evaluation frame once, in batches of `batch_size` (the last one padded): yields
-    (batch dict of NumPy arrays, weight (batch_size,) with 0 on padding)."""
+    (host batch of EVAL_FIELDS, weight (batch_size,) with 0 on padding)."""
     from mmcmae_jax.data import pipeline_from_config
     data = data.copy_and_resolve_references()
     with data.unlocked():
@@ -42,7 +48,7 @@ def eval_batches(data: ml_collections.ConfigDict, image_size: int, batch_size: i
 
 
 def _stack(frames, batch_size):
-    batch = {k: np.concatenate([f[k] for f in frames]) for k in ("rgb", "depth_m", "label")}
+    batch = {k: np.concatenate([f[k] for f in frames]) for k in EVAL_FIELDS}
     real = len(batch["rgb"])
     if real < batch_size:  # pad with copies of the first frame, weighted 0
         batch = {k: np.concatenate([v, np.repeat(v[:1], batch_size - real, axis=0)]) for k, v in batch.items()}
@@ -61,6 +67,7 @@ def make_eval_step(config: ml_collections.ConfigDict):
     table = label_table(config)
 
     def step(params, batch, weight):
+        batch = prepare_batch(batch, EVAL_INPUTS, depth_trim=0.0)  # no standardised depth is read
         out = predict(params, batch["rgb"])
         if config.task == "depth":
             return metrics.depth_metric_sums(out, batch["depth_m"], weight, min_depth=config.eval.min_depth,
@@ -92,7 +99,7 @@ def evaluate(config: ml_collections.ConfigDict, params: dict, data: ml_collectio
             if bad.any():
                 raise ValueError(f"evaluation labels {sorted(set(labels[bad].tolist()))[:5]} lie outside "
                                  f"config.num_classes={config.num_classes} (data {data.path or 'procedural'!r})")
-        batch = jax.device_put({k: batch[k] for k in ("rgb", "depth_m", "label")}, sharding.batch_sharding(mesh))
+        batch = jax.device_put(batch, sharding.batch_sharding(mesh))
         sums = jax.device_get(step(params, batch, jax.device_put(weight, sharding.batch_sharding(mesh))))
         sums = {k: np.asarray(v, np.float64 if k != "confusion" else np.int64) for k, v in sums.items()}
         totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}

@@ -35,8 +35,10 @@ class Frames(NamedTuple):
 
 def load_frames(data, image_size: int) -> Frames:
     """Every frame of the data config `data` once, as the evaluation transform gives it."""
-    from mmcmae_jax.transfer.evaluation import eval_batches
-    parts = [(batch, weight) for batch, weight in eval_batches(data, image_size, 64)]
+    from mmcmae_jax.device_batch import prepare_batch_numpy
+    from mmcmae_jax.transfer.evaluation import EVAL_INPUTS, eval_batches
+    parts = [(prepare_batch_numpy(batch, EVAL_INPUTS, depth_trim=0.0), weight)
+             for batch, weight in eval_batches(data, image_size, 64)]
     keep = np.concatenate([w for _, w in parts]) > 0
     stack = lambda k: np.concatenate([b[k] for b, _ in parts])[keep]
     return Frames(stack("rgb"), stack("depth_m"), stack("label"))

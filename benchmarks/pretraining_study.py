@@ -18,7 +18,7 @@ Arms (`--arms`; ARMS below): scratch; the baselines MAE, MultiMAE-style, Mask3D-
 contrastive stage alone, each at M3's compute (XLA-counted train FLOPs of its two stages); and, on top
 of one shared stage-1 run per seed, M3's stage-2 variants (the paper's ablation): reconstruction only,
 + distillation, + denoising, both (M3), noise without its loss, and the design choices (teacher on the
-visible patches, log-normal σ, norm-pix targets for the baselines).
+visible patches, log-normal σ, σ up to 3, norm-pix targets for the baselines).
 
 Read-outs, the same recipe for every arm: (a) linear probes on the frozen RGB encoder's final patch
 tokens (transfer/probe.py: deterministic, so the spread is the encoder's); (b) fine-tuning of the whole
@@ -84,6 +84,7 @@ ARMS = {
     "m3_teacher_visible": ("M3, teacher sees the student's visible patches", "m3", True,
                            {"distill_teacher_input": "visible"}),
     "m3_lognormal_sigma": ("M3, log-normal σ", "m3", True, {"sigma_distribution": "lognormal"}),
+    "m3_sigma_max3": ("M3, σ up to 3 (uniform)", "m3", True, {"sigma_max": 3.0}),
     "mae_norm_pix": ("MAE with norm-pix targets; equal compute", "mae_norm_pix", False, {}),
     "multimae_norm_pix": ("MultiMAE-style with norm-pix targets; equal compute", "multimae_norm_pix", False, {}),
 }
@@ -111,6 +112,7 @@ CLAIMS = (
     ("m3_teacher_visible", "m3", "a teacher on the visible patches beats one on the full frame"),
     ("stage1_position", "stage1", "negatives at the same position only beat the whole batch's (stage 1)"),
     ("m3_lognormal_sigma", "m3", "log-normal σ beats uniform σ"),
+    ("m3_sigma_max3", "m3", "σ up to 3 beats σ up to 1"),
     ("mae_norm_pix", "mae", "norm-pix targets help MAE"),
     ("multimae_norm_pix", "multimae", "norm-pix targets help MultiMAE-style"),
 )

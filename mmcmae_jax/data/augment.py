@@ -18,7 +18,6 @@ from PIL import Image
 from mmcmae_jax.data.schema import IGNORE_LABEL, DecodedFrame
 
 
-
 @dataclasses.dataclass(frozen=True)
 class AugmentOptions:
     """What the train-time transform does; eval uses a centre crop and no randomness. The defaults are

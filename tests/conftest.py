@@ -1,11 +1,15 @@
 """What the tests share: the tiny model and its configs, random frames, and the `slow` marker.
 
-    python -m pytest -q -n 2 -m "not slow" tests   # the README's test command (CI), under 10 min on 2 cores
+    python -m pytest -q -n 2 -m "not slow" tests   # the README's test command (CI), about 7 min on 2 cores
     python -m pytest -q -n 2 -m slow tests         # the end-to-end runs (14 min): commands, notebook, processes
 
 Helpers are plain functions (`from conftest import tiny_config`): tests/ is on sys.path while pytest
 collects it, and the scripts the tests start (tiny_train.py) import them the same way.
 """
+import os
+import shutil
+import tempfile
+
 import numpy as np
 
 # The model every test trains: ViT dim 64, 2 layers, 2 heads, 8 px patches, at 32 px (16 patches).
@@ -58,6 +62,29 @@ def tiny_batch(seed=0, batch=2, size=32) -> dict:
             "depth_valid": jnp.asarray(rng.random((batch, size, size, 1)) > 0.2, jnp.float32)}
 
 
+def drawn_params(init, *args, scale=0.2, seed=0):
+    """Parameters in the shapes `init(*args)` gives, drawn with NumPy: for tests of arithmetic that do not
+    need the model's own initialisers (compiling those of a DPT head alone costs ~20 s of CPU)."""
+    import jax
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: (rng.normal(size=s.shape) * scale).astype(s.dtype),
+                        jax.eval_shape(init, *args))
+
+
+_CACHE_MADE_HERE = []
+
+
 def pytest_configure(config):
+    # One persistent compilation cache per session, shared by the xdist workers (they inherit the
+    # environment) and the commands the tests start: dozens of tests compile the same tiny train step.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        _CACHE_MADE_HERE.append(tempfile.mkdtemp(prefix="mmcmae_jax_test_cache_"))
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_MADE_HERE[0]
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     config.addinivalue_line("markers", "slow: an end-to-end run (a command, the notebook, several processes); "
                                        "deselected by the README's test command, run with -m slow")
+
+
+def pytest_unconfigure(config):
+    for directory in _CACHE_MADE_HERE:
+        shutil.rmtree(directory, ignore_errors=True)

@@ -10,7 +10,7 @@ from mmcmae_jax.models.m3 import MultiModalMAE
 from mmcmae_jax.models.masking import multimodal_masks
 from mmcmae_jax.models.vit import patchify
 from mmcmae_jax.objectives import init_stage2_from_stage1, make_objective, teacher_params_from_stage1
-from conftest import tiny_batch, tiny_config
+from conftest import drawn_params, tiny_batch, tiny_config
 from test_losses import np_info_nce, np_masked_mse, np_normalize_patches
 
 
@@ -55,31 +55,29 @@ def test_stage1_leaves_out_patches_without_depth():
     config = tiny_config(1, negatives="batch")
     objective = make_objective(config)
     batch = tiny_batch()
-    params = objective.init(jax.random.key(1), batch)
+    params = drawn_params(objective.init, jax.random.key(1), batch, scale=0.05)  # jitted below: eager is slow
     valid = np.ones((2, 32, 32, 1), np.float32)
     valid[0, :8, :8] = 0           # patch 0 of frame 0: no depth
     valid[0, 8:13, :8] = 0         # patch 4 of frame 0: 5/8 of its pixels missing
     valid[1, :3, 8:16] = 0         # patch 1 of frame 1: 3/8 missing
-    out = objective.forward(params, batch, jax.random.key(2))
+    out = jax.jit(objective.forward)(params, batch, jax.random.key(2))
     z_rgb, z_depth = np.asarray(out["z_rgb"], np.float64), np.asarray(out["z_depth"], np.float64)
     for min_valid, dropped in ((0.0, [(0, 0)]), (0.5, [(0, 0), (0, 4)])):
         config.objective.contrastive_min_valid_fraction = min_valid
         keep = np.ones((2, 16), bool)
         keep[tuple(zip(*dropped))] = False
         expected = np_info_nce(z_rgb[keep], z_depth[keep], config.objective.temperature)
-        _, metrics = make_objective(config).loss(params, {}, dict(batch, depth_valid=jnp.asarray(valid)),
-                                                 jax.random.key(2))
+        _, metrics = jax.jit(make_objective(config).loss)(params, {}, dict(batch, depth_valid=jnp.asarray(valid)),
+                                                          jax.random.key(2))
         assert abs(float(metrics["contrastive"]) - expected) < 1e-4 * expected, min_valid
         assert abs(float(metrics["contrastive_valid_patches"]) - keep.mean()) < 1e-6
 
     objective = make_objective(tiny_config(1, negatives="batch"))
     no_depth = valid.copy()
     no_depth[0] = 0
-    grads = jax.grad(lambda p: objective.loss(p, {}, dict(batch, depth_valid=jnp.asarray(no_depth)),
-                                              jax.random.key(2))[0])(params)
-    only_frame_1 = jax.grad(lambda p: objective.loss(
-        p, {}, {k: v[1:] for k, v in dict(batch, depth_valid=jnp.asarray(no_depth)).items()},
-        jax.random.key(2))[0])(params)
+    grad = jax.jit(jax.grad(lambda p, b: objective.loss(p, {}, b, jax.random.key(2))[0]))
+    grads = grad(params, dict(batch, depth_valid=jnp.asarray(no_depth)))
+    only_frame_1 = grad(params, {k: v[1:] for k, v in dict(batch, depth_valid=jnp.asarray(no_depth)).items()})
     chex.assert_trees_all_close(grads["depth_encoder"], only_frame_1["depth_encoder"], atol=1e-5, rtol=1e-4)
 
 

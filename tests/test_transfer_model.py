@@ -14,6 +14,7 @@ from mmcmae_jax.transfer import objective as tobj
 from mmcmae_jax.transfer.config import (SCANNET20_CLASSES, SCANNET20_FROM_NYU40, finetune_config,
                                         validate_finetune)
 from mmcmae_jax.transfer.heads import DenseModel, dpt_hooks, positive_depth
+from conftest import drawn_params
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,9 +41,7 @@ def seg_model():
     model costs ~10 s of CPU, which these tests do not need."""
     config = tiny(model=dict(tiny().model, variant="64x4x2/8"))
     model = tobj.make_model(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
-    rng = np.random.default_rng(0)
-    params = jax.tree.map(lambda s: (rng.normal(size=s.shape) * 0.2).astype(s.dtype), shapes)
+    params = drawn_params(model.init, jax.random.key(1), jnp.zeros((1, 32, 32, 3)))["params"]
     return config, model, params
 
 
@@ -373,11 +372,12 @@ def test_training_abs_rel_is_the_evaluations_clipped_abs_rel():
     rng = np.random.default_rng(0)
     batch = {"rgb": jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32),
              "depth_m": jnp.asarray(rng.uniform(0.5, 5.0, size=(2, 32, 32, 1)), jnp.float32)}
-    params = objective.init(jax.random.key(0), batch)
-    _, logged = objective.loss(params, {}, batch, None)
-    pred = np.clip(np.asarray(objective.forward(params, batch, None)["pred"]), 1.5, 3.0)
+    params = drawn_params(objective.init, jax.random.key(0), batch)
+    _, logged = jax.jit(objective.loss)(params, {}, batch, None)
+    raw = np.asarray(jax.jit(objective.forward)(params, batch, None)["pred"])
+    pred = np.clip(raw, 1.5, 3.0)
     target = np.asarray(batch["depth_m"])
     counted = (target > 1.5) & (target < 3.0)
-    assert 0 < counted.mean() < 1 and (np.asarray(objective.forward(params, batch, None)["pred"]) < 1.5).any()
+    assert 0 < counted.mean() < 1 and (raw < 1.5).any()
     np.testing.assert_allclose(float(logged["abs_rel"]), np.mean(np.abs(pred - target)[counted] / target[counted]),
                                rtol=1e-5)

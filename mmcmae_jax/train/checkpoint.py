@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sys
+import warnings
 
 import grain
 from absl import logging as absl_logging
@@ -168,10 +169,14 @@ class _DropFailedSaveEcho(logging.Filter):
 
 
 def _quiet_failed_save_teardown():
-    """Keep the failure one line: drop asyncio's echoes of the failed save's other writes at exit."""
+    """Keep the failure one line: drop asyncio's echoes of the failed save's other writes at exit, and
+    the warning for a write the failed save had created but never started (collected at exit, a race)."""
     asyncio_logger = logging.getLogger("asyncio")
     if not any(isinstance(f, _DropFailedSaveEcho) for f in asyncio_logger.filters):
         asyncio_logger.addFilter(_DropFailedSaveEcho())
+    if not debug_requested():
+        warnings.filterwarnings("ignore", message=r"coroutine '.*serialize.*' was never awaited",
+                                category=RuntimeWarning)
 
 
 def _drop_closed_loop_callbacks(hook):

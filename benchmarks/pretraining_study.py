@@ -122,9 +122,13 @@ CLAIMS = (
 
 
 STAGE_STEPS = 600  # M3's steps per stage; they set every arm's budget (docs/results.md: 150 is too few)
+FINETUNE_STEPS = 400  # the fine-tuning read-out's steps (51 epochs of the labelled set at batch 32)
+CURVE_POINTS = 4  # the fine-tuning read-out evaluates this many times, the last at its end: is it converged?
+# Read-out settings that do not claim the work directory: their results are kept apart (finetune400.json).
+READOUT_SETTINGS = ("finetune_steps",)
 
 
-def settings(mode: str, stage_steps: int = STAGE_STEPS) -> dict:
+def settings(mode: str, stage_steps: int = STAGE_STEPS, finetune_steps: int = FINETUNE_STEPS) -> dict:
     """quick and full share their settings (a quick run's work directory grows into a full one).
     `stage_steps`: M3's steps per stage, which fix the pre-training compute of every arm."""
     if mode == "smoke":
@@ -132,16 +136,18 @@ def settings(mode: str, stage_steps: int = STAGE_STEPS) -> dict:
                     batch=8, stage1_steps=3, stage2_steps=3, finetune_steps=3, probe_steps=20, lr=5e-4,
                     finetune_lr=5e-4)
     return dict(variant="128x4x4/8", image_size=64, pretrain_frames=4000, labelled_frames=500, eval_frames=300,
-                batch=32, stage1_steps=stage_steps, stage2_steps=stage_steps, finetune_steps=300, probe_steps=300, lr=5e-4,
-                finetune_lr=5e-4)
+                batch=32, stage1_steps=stage_steps, stage2_steps=stage_steps, finetune_steps=finetune_steps,
+                probe_steps=300, lr=5e-4, finetune_lr=5e-4)
 
 
 def claim_workdir(workdir: str, s: dict) -> None:
-    """Finished runs are re-used by name, so one work directory holds one set of settings."""
+    """Finished runs are re-used by name, so one work directory holds one set of pre-training and probe
+    settings; fine-tuning read-outs of other lengths sit beside each other (READOUT_SETTINGS)."""
     path = os.path.join(workdir, "settings.json")
+    s = {k: v for k, v in s.items() if k not in READOUT_SETTINGS}
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
-            earlier = json.load(f)
+            earlier = {k: v for k, v in json.load(f).items() if k not in READOUT_SETTINGS}
         if earlier != s:
             changed = ", ".join(f"{k}: {earlier.get(k)!r} there, {s.get(k)!r} now"
                                 for k in sorted(set(s) | set(earlier)) if earlier.get(k) != s.get(k))
@@ -336,8 +342,20 @@ def probe_readout(s, encoder_dir: str, seed: int, data: dict) -> dict:
                 len(PROCEDURAL_CLASS_NAMES), PROCEDURAL_CLASS_NAMES), STUFF)}
 
 
+def evaluation_curve(workdir: str) -> dict:
+    """{step: {metric: value}} of the evaluations a fine-tuning run logged in its metrics.jsonl."""
+    curve = {}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record.get("stage", "").endswith("_eval"):
+                curve[str(record["step"])] = {k: v for k, v in record.items() if k not in ("stage", "step")}
+    return curve
+
+
 def finetune_readout(s, encoder_dir: str, seed: int, sets: dict, workdir: str) -> dict:
-    """Fine-tune the RGB encoder with a linear head for each task; evaluate on the evaluation set."""
+    """Fine-tune the RGB encoder with a linear head for each task; evaluate on the evaluation set
+    CURVE_POINTS times on the way (the last at the end), so that the report shows whether it converged."""
     from mmcmae_jax.data import PROCEDURAL_CLASS_NAMES
     from mmcmae_jax.finetune import run_finetune
     from mmcmae_jax.transfer.config import finetune_config
@@ -354,7 +372,8 @@ def finetune_readout(s, encoder_dir: str, seed: int, sets: dict, workdir: str) -
         config.head.kind = "linear"
         config.layer_decay = 1.0
         config.update(batch_size=s["batch"], total_steps=steps, seed=seed, log_every=max(steps // 4, 1),
-                      checkpoint_every=max(steps // 2, 1), keep_checkpoints=1, init_from=encoder_dir)
+                      checkpoint_every=max(steps // 2, 1), keep_checkpoints=1, init_from=encoder_dir,
+                      eval_every=max(steps // CURVE_POINTS, 1))
         config.optim.update(lr=s["finetune_lr"], warmup_steps=max(steps // 10, 1))
         config.data.path = sets["labelled"]
         config.eval_data.path = sets["eval"]
@@ -363,8 +382,13 @@ def finetune_readout(s, encoder_dir: str, seed: int, sets: dict, workdir: str) -
         metrics = dict(evaluation["metrics"])
         if task == "segmentation":
             metrics = with_object_miou({**metrics, "per_class_iou": evaluation["per_class_iou"]}, STUFF)
-        out[task] = metrics
+        out[task] = dict(metrics, curve=evaluation_curve(os.path.join(workdir, task)))
     return out
+
+
+def readout_name(readout: str, s: dict) -> str:
+    """The file (and folder) name of a read-out's results: fine-tuning ones carry their length."""
+    return f"finetune{s['finetune_steps']}" if readout == "finetune" else readout
 
 
 def cached(path: str, compute):
@@ -405,12 +429,37 @@ def verdict(better: np.ndarray, worse: np.ndarray, higher_is_better: bool) -> tu
     return gain, noise, "holds" if gain > 3 * noise else "reversed" if -gain > 3 * noise else "within noise"
 
 
+CURVE_METRICS = (("depth", "delta1", "δ1"), ("depth", "abs_rel", "AbsRel"), ("segmentation", "miou", "mIoU"),
+                 ("segmentation", "pixel_acc", "pix acc"))
+
+
+def convergence_table(results: dict, arms, seeds) -> list:
+    """Each arm's fine-tuning metrics at each evaluation on the way (mean over its seeds): converged
+    when the last steps change them by less than the seed-to-seed spread."""
+    steps = sorted({step for seed in seeds for arm in arms if arm in results.get(str(seed), {})
+                    for step in results[str(seed)][arm]["finetune"]["depth"].get("curve", {})}, key=int)
+    lines = [f"Fine-tuning on the way: the evaluation set's metrics after {' → '.join(steps)} steps (mean over "
+             "the seeds)", "", "| arm | " + " | ".join(label for _, _, label in CURVE_METRICS) + " |",
+             "|---" * (1 + len(CURVE_METRICS)) + "|"]
+    for arm in arms:
+        done = seeds_with(results, [arm], seeds)
+        cells = []
+        for task, key, _ in CURVE_METRICS:
+            curves = [results[str(seed)][arm]["finetune"][task].get("curve", {}) for seed in done]
+            steps = sorted(set.intersection(*(set(c) for c in curves)) if curves else (), key=int)
+            cells.append(" → ".join(f"{np.mean([c[step][key] for c in curves]):.3f}" for step in steps) or "-")
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def report(results: dict, blind: dict, arms, readouts, seeds, plan, flops, pretrain_log: dict, s: dict) -> str:
     lines = [f"Settings: {json.dumps(s)}", "", f"Seeds {list(seeds)}; cells are mean ± sample std over the seeds "
              "an arm has finished (column 'seeds').", ""]
     arms = [arm for arm in arms if seeds_with(results, [arm], seeds)]
     for readout in readouts:
-        lines += [f"### Read-out: {'frozen-feature linear probe' if readout == 'probe' else 'fine-tuning, linear head'}",
+        title = ("frozen-feature linear probe" if readout == "probe"
+                 else f"fine-tuning, linear head, {s.get('finetune_steps')} steps")
+        lines += [f"### Read-out: {title}",
                   "", "| arm | seeds | " + " | ".join(f"{label} {'↑' if up else '↓'}" for _, _, label, up in METRICS)
                   + " |", "|---" * (2 + len(METRICS)) + "|",
                   "| *image-blind* | | " + " | ".join(f"{blind[t][k]:.3f}" for t, k, _, _ in METRICS) + " |"]
@@ -422,6 +471,8 @@ def report(results: dict, blind: dict, arms, readouts, seeds, plan, flops, pretr
                 cells.append(f"{v.mean():.3f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.3f}")
             lines.append(f"| {arm} | {len(done)} | " + " | ".join(cells) + " |")
         lines.append("")
+        if readout == "finetune":
+            lines += convergence_table(results, arms, seeds)
     lines += ["### Pre-training", "", f"| arm | steps | TFLOPs | final losses, value / trivial (seed {seeds[0]}) |",
               "|---|---|---|---|"]
     for arm in arms:
@@ -460,14 +511,17 @@ def main():
     parser.add_argument("--no-finetune", action="store_true", help="probes only")
     parser.add_argument("--stage-steps", type=int, default=STAGE_STEPS,
                         help="M3's steps per stage, which set every arm's pre-training compute (default %(default)s)")
+    parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
+                        help="the fine-tuning read-out's steps (default %(default)s); each length is kept apart")
     parser.add_argument("--report-only", action="store_true", help="train nothing: the report of the runs "
                         "already read out (while others are still training, or after some were stopped)")
     parser.add_argument("--describe-data", action="store_true", help="print the sets' class shares and the "
                         "image-blind predictor, then stop")
     args = parser.parse_args()
-    if args.stage_steps < 1:
-        parser.error(f"--stage-steps must be at least 1, got {args.stage_steps}")
-    s = settings(args.mode, args.stage_steps)
+    for flag in ("stage_steps", "finetune_steps"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    s = settings(args.mode, args.stage_steps, args.finetune_steps)
     arms = tuple(args.arms or MODE_ARMS[args.mode])
     seeds = tuple(args.seeds or ((0, 1) if args.mode == "smoke" else (0, 1, 2)))
     readouts = ("probe",) if args.no_finetune or args.mode == "quick" else READOUTS
@@ -500,7 +554,7 @@ def main():
         for arm in arms:
             out_dir = os.path.join(args.workdir, f"seed{seed}", "readout", arm)
             if args.report_only:
-                if not all(os.path.exists(os.path.join(out_dir, f"{r}.json")) for r in readouts):
+                if not all(os.path.exists(os.path.join(out_dir, f"{readout_name(r, s)}.json")) for r in readouts):
                     log(f"{arm} seed {seed}: not read out yet, left out of the report")
                     continue
                 encoder_dir = encoder_workdir(plan, arm, seed, args.workdir)
@@ -511,8 +565,9 @@ def main():
             arm_results = {"probe": cached(os.path.join(out_dir, "probe.json"),
                                            lambda: probe_readout(s, encoder_dir, seed, data))}
             if "finetune" in readouts:
-                arm_results["finetune"] = cached(os.path.join(out_dir, "finetune.json"),
-                                                 lambda: finetune_readout(s, encoder_dir, seed, sets, out_dir))
+                name = readout_name("finetune", s)
+                arm_results["finetune"] = cached(os.path.join(out_dir, f"{name}.json"), lambda: finetune_readout(
+                    s, encoder_dir, seed, sets, os.path.join(out_dir, name)))
             results[str(seed)][arm] = arm_results
             log(f"{arm} seed {seed}: " + "; ".join(
                 f"{r} " + ", ".join(f"{label} {arm_results[r][t][k]:.3f}" for t, k, label, _ in METRICS)

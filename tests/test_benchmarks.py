@@ -82,6 +82,10 @@ def test_study_workdir_refuses_runs_made_with_other_settings(tmp_path):
     with pytest.raises(SystemExit, match=r"stage1_steps: 3 there, 7 now.*give a new --workdir"):
         study.claim_workdir(str(tmp_path), dict(s, stage1_steps=7))
     assert study.settings("quick") == study.settings("full")  # a quick run grows into a full one
+    # A fine-tuning read-out of another length claims nothing: its results are kept apart by name.
+    study.claim_workdir(str(tmp_path), dict(s, finetune_steps=11))
+    assert study.readout_name("finetune", dict(s, finetune_steps=11)) == "finetune11"
+    assert study.readout_name("probe", s) == "probe"
 
 
 def test_study_budget_is_set_by_m3s_steps_per_stage_and_losses_keep_their_diagnostics(tmp_path):
@@ -171,6 +175,25 @@ def test_study_report_pairs_each_claim_over_the_seeds_both_arms_finished():
     assert "| probe | 1 | +0.050 (±nan) one seed: no spread |" in claim
 
 
+def test_study_shows_each_arms_fine_tuning_curve(tmp_path):
+    import pretraining_study as study
+    logged = [{"stage": "finetune depth", "step": 2, "loss": 3.0},
+              {"stage": "finetune depth_eval", "step": 2, "frames": 8, "delta1": 0.2, "abs_rel": 0.7},
+              {"stage": "finetune depth_eval", "step": 4, "frames": 8, "delta1": 0.3, "abs_rel": 0.6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in logged))
+    curve = study.evaluation_curve(str(tmp_path))
+    assert curve == {"2": {"frames": 8, "delta1": 0.2, "abs_rel": 0.7}, "4": {"frames": 8, "delta1": 0.3, "abs_rel": 0.6}}
+
+    def finetune(shift):
+        depth = {step: {"delta1": m["delta1"] + shift, "abs_rel": m["abs_rel"]} for step, m in curve.items()}
+        seg = {step: {"miou": 0.1 + shift, "pixel_acc": 0.5} for step in curve}
+        return {"finetune": {"depth": {"curve": depth}, "segmentation": {"curve": seg}}}
+    results = {"0": {"mae": finetune(0.0)}, "1": {"mae": finetune(0.1)}}
+    lines = study.convergence_table(results, ("mae",), (0, 1))
+    assert "after 2 → 4 steps" in lines[0]
+    assert "| mae | 0.250 → 0.350 | 0.700 → 0.600 | 0.150 → 0.150 | 0.500 → 0.500 |" in lines
+
+
 def test_object_miou_leaves_out_floor_wall_and_ceiling():
     from mmcmae_jax.transfer.probe import with_object_miou
     seg = {"miou": 0.5, "per_class_iou": {"floor": 0.9, "wall": 0.8, "ceiling": None, "table": 0.2, "chair": 0.4,
@@ -188,6 +211,9 @@ def test_study_fine_tunes_both_tasks_with_the_projects_fine_tuning(tmp_path):
     assert 0 <= out["segmentation"]["object_miou"] <= out["segmentation"]["pixel_acc"] + 1
     config = json.loads((tmp_path / "ft" / "segmentation" / "config.json").read_text())
     assert config["head"]["kind"] == "linear" and config["layer_decay"] == 1.0 and config["init_from"] == ""
+    # Evaluated on the way and at the end (the curve), the last evaluation being the result.
+    assert list(out["depth"]["curve"]) == [str(step) for step in range(1, s["finetune_steps"] + 1)]
+    assert out["depth"]["curve"][str(s["finetune_steps"])]["delta1"] == out["depth"]["delta1"]
 
 
 @pytest.mark.slow

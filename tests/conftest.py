@@ -1,6 +1,6 @@
 """What the tests share: the tiny model and its configs, random frames, and the `slow` marker.
 
-    python -m pytest -q -n 2 -m "not slow" tests   # the README's test command (CI), about 7 min on 2 cores
+    python -m pytest -q -n 2 -m "not slow" tests   # the README's test command (CI), about 8 min on 2 cores
     python -m pytest -q -n 2 -m slow tests         # the end-to-end runs (14 min): commands, notebook, processes
 
 Helpers are plain functions (`from conftest import tiny_config`): tests/ is on sys.path while pytest
@@ -72,14 +72,17 @@ def drawn_params(init, *args, scale=0.2, seed=0):
 
 
 _CACHE_MADE_HERE = []
+_OUR_CACHE = "MMCMAE_JAX_TEST_CACHE"  # set beside a cache directory these hooks made (not the user's own)
 
 
 def pytest_configure(config):
-    # One persistent compilation cache per session, shared by the xdist workers (they inherit the
-    # environment) and the commands the tests start: dozens of tests compile the same tiny train step.
-    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    # A persistent compilation cache for each test process, shared with the commands its tests start:
+    # dozens of tests compile the same tiny train step. Each xdist worker makes its own (the one the
+    # controller made is in the environment it inherits): JAX writes an entry in place, and a worker could
+    # read one that the other is still writing.
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ or os.environ.get(_OUR_CACHE):
         _CACHE_MADE_HERE.append(tempfile.mkdtemp(prefix="mmcmae_jax_test_cache_"))
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_MADE_HERE[0]
+        os.environ.update({"JAX_COMPILATION_CACHE_DIR": _CACHE_MADE_HERE[0], _OUR_CACHE: "1"})
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
     config.addinivalue_line("markers", "slow: an end-to-end run (a command, the notebook, several processes); "
                                        "deselected by the README's test command, run with -m slow")

@@ -32,20 +32,25 @@ stage must beat scratch that way before any M3 claim is read.
 
 Expected result (docs/results.md, "Does pre-training work?"): with the probes, the contrastive stage
 beats a random encoder on every metric by more than three spreads and MAE on four of six (not δ1 and
-AbsRel); with `--stage-steps 150` only the segmentation pixel accuracy separates them. M3 matches its
-own stage 1 within noise; reconstruction alone is worse than stage 1, distillation undoes that; M3 does
-not beat MAE and loses to the contrastive stage alone on segmentation, but beats the Mask3D-style
-baseline on 5 of 6 metrics and the MultiMAE-style one on AbsRel and RMSE. Noise without its loss, the
-teacher on the visible patches and log-normal σ are all within noise of M3; σ up to 3 makes the
-denoising loss learn (0.57 against E[σ²] 3.0) and changes no probe beyond noise but δ1 (lower by
-0.0015). Norm-pix targets help both baselines (MAE on AbsRel and RMSE, MultiMAE-style also on object
-mIoU), and with them both beat M3 on mIoU. Fine-tuned (400 steps, converged: 800 improve nothing), the
-contrastive stage and MAE with norm-pix targets beat scratch on four of six metrics, M3 on the three
-depth metrics only (within noise of its own stage 1), and the contrastive stage beats M3 on
-segmentation. Time on the 2-core CPU: about 26 min a seed for the quick mode's three arms on an idle
-machine; the fine-tuning read-out about 8.5 min an arm and seed, two running in parallel. Seeds can run
-as parallel processes on one work directory (`--seeds 1`, `--seeds 2`); a run being trained by one
-process is refused by the others.
+AbsRel); with `--stage-steps 150` only the segmentation pixel accuracy separates them, and with a
+protocol 4x cheaper in time (`--variant 64x4x4/8 --batch 16 --stage-steps 400`) MAE beats scratch on
+nothing in either read-out. M3 matches its own stage 1 within noise; reconstruction alone is worse than
+stage 1, distillation undoes that; M3 does not beat MAE and loses to the contrastive stage alone on
+segmentation, but beats the Mask3D-style baseline on 5 of 6 metrics and the MultiMAE-style one on AbsRel
+and RMSE. Noise without its loss, the teacher on the visible patches and log-normal σ are all within
+noise of M3; σ up to 3 makes the denoising loss learn (0.57 against E[σ²] 3.0) and changes no probe
+beyond noise but δ1 (lower by 0.0015). Norm-pix targets help both baselines (MAE on AbsRel and RMSE,
+MultiMAE-style also on object mIoU), and with them both beat M3 on mIoU. Fine-tuned (400 steps,
+converged: 800 improve nothing), the contrastive stage and MAE with norm-pix targets beat scratch on
+four of six metrics (plain MAE on two), M3 on the three depth metrics only; every step of M3's ablation
+is within noise, the contrastive stage beats M3 on segmentation, and Mask3D-style pre-training is worse
+than none on segmentation. Time on the 2-core CPU: about 26 min a seed for the quick mode's three arms
+on an idle machine; the fine-tuning read-out about 8 min an arm and seed, two running in parallel.
+
+`--jobs 2` pre-trains and reads out two arm-seeds at a time in worker processes; an arm that starts from
+the shared stage 1 waits for the worker that trains it. Separate processes may also share a work
+directory (`--seeds 1`, `--seeds 2`); a run being trained by one is refused by the others. Each process
+keeps a compilation cache, so the arms after the first load their programs rather than compile them.
 
 Every run is a work directory under WORKDIR; re-running skips what is finished and resumes what is not
 (the trainer resumes from its checkpoints). `--report-only` trains nothing and reports the runs read
@@ -130,6 +135,7 @@ CLAIMS = (
 )
 
 
+VARIANT, BATCH = "128x4x4/8", 32  # the encoders (width x depth x heads / patch) and the batch of every stage
 STAGE_STEPS = 600  # M3's steps per stage; they set every arm's budget (docs/results.md: 150 is too few)
 FINETUNE_STEPS = 400  # the fine-tuning read-out's steps (26 epochs of the 500 labelled frames at batch 32)
 CURVE_POINTS = 4  # the fine-tuning read-out evaluates this many times, the last at its end: is it converged?
@@ -137,15 +143,16 @@ CURVE_POINTS = 4  # the fine-tuning read-out evaluates this many times, the last
 READOUT_SETTINGS = ("finetune_steps",)
 
 
-def settings(mode: str, stage_steps: int = STAGE_STEPS, finetune_steps: int = FINETUNE_STEPS) -> dict:
+def settings(mode: str, stage_steps: int = STAGE_STEPS, finetune_steps: int = FINETUNE_STEPS,
+             variant: str = VARIANT, batch: int = BATCH) -> dict:
     """quick and full share their settings (a quick run's work directory grows into a full one).
     `stage_steps`: M3's steps per stage, which fix the pre-training compute of every arm."""
     if mode == "smoke":
         return dict(variant="64x2x2/8", image_size=32, pretrain_frames=64, labelled_frames=24, eval_frames=16,
                     batch=8, stage1_steps=3, stage2_steps=3, finetune_steps=3, probe_steps=20, lr=5e-4,
                     finetune_lr=5e-4)
-    return dict(variant="128x4x4/8", image_size=64, pretrain_frames=4000, labelled_frames=500, eval_frames=300,
-                batch=32, stage1_steps=stage_steps, stage2_steps=stage_steps, finetune_steps=finetune_steps,
+    return dict(variant=variant, image_size=64, pretrain_frames=4000, labelled_frames=500, eval_frames=300,
+                batch=batch, stage1_steps=stage_steps, stage2_steps=stage_steps, finetune_steps=finetune_steps,
                 probe_steps=300, lr=5e-4, finetune_lr=5e-4)
 
 
@@ -190,11 +197,16 @@ def data_config(path: str):
     return config
 
 
+def load_frames(sets: dict, s: dict) -> dict:
+    from mmcmae_jax.transfer import probe
+    return {name: probe.load_frames(data_config(path), s["image_size"]) for name, path in sets.items()}
+
+
 def describe_data(sets: dict, s: dict, log) -> dict:
     """Class shares of each set and the image-blind predictor of the labelled set on the evaluation set."""
     from mmcmae_jax.data import PROCEDURAL_CLASS_NAMES
     from mmcmae_jax.transfer import probe
-    frames = {name: probe.load_frames(data_config(path), s["image_size"]) for name, path in sets.items()}
+    frames = load_frames(sets, s)
     for name, f in frames.items():
         shares = probe.class_shares(f.label, PROCEDURAL_CLASS_NAMES)
         objects = sum(v for k, v in shares.items() if k not in STUFF)
@@ -225,16 +237,26 @@ def pretrain_config(s: dict, stage: int, key: str, steps: int, seed: int, data_p
     return config
 
 
-def step_flops(s: dict, arms) -> dict:
-    """Train FLOPs per step of stage 1 and of each stage-2 objective the arms use (XLA cost analysis)."""
+def step_flops(s: dict, arms, path: str = "") -> dict:
+    """Train FLOPs per step of stage 1 and of each stage-2 objective the arms use (XLA cost analysis).
+    `path`: a JSON file that keeps the counts already made with these settings (each takes a compile)."""
     from mmcmae_jax.objectives import make_objective
     from mmcmae_jax.train.cost import loss_and_grad_flops
-    flops = {"stage1": loss_and_grad_flops(make_objective(pretrain_config(s, 1, "", 1, 0, "")), s["batch"],
-                                           s["image_size"])}
-    for key in sorted({ARMS[a][1] for a in arms if ARMS[a][1]} | {"m3"}):
-        config = pretrain_config(s, 2, key, 1, 0, "")
-        flops[key] = loss_and_grad_flops(make_objective(config), s["batch"], s["image_size"],
-                                         tuple(config.objective.inputs))
+    known = {}
+    if path and os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            known = json.load(f)
+    flops = {}
+    for key in ["stage1"] + sorted({ARMS[a][1] for a in arms if ARMS[a][1]} | {"m3"}):
+        if key not in known:
+            config = pretrain_config(s, 1 if key == "stage1" else 2, key, 1, 0, "")
+            inputs = ("rgb", "depth") if key == "stage1" else tuple(config.objective.inputs)
+            known[key] = loss_and_grad_flops(make_objective(config), s["batch"], s["image_size"], inputs)
+        flops[key] = known[key]
+    if path:  # whole or not at all: study processes of other seeds may read it meanwhile
+        with open(f"{path}.{os.getpid()}", "w", encoding="utf-8") as f:
+            json.dump(known, f, indent=1)
+        os.replace(f"{path}.{os.getpid()}", path)
     return flops
 
 
@@ -269,14 +291,15 @@ def final_losses(workdir: str) -> dict:
 
 
 @contextlib.contextmanager
-def run_lock(workdir: str):
-    """Refuses a run that another study process is training: seeds may run in parallel processes
-    (--seeds), but two trainers in one work directory would overwrite each other's checkpoints."""
+def run_lock(workdir: str, wait: bool = False):
+    """Holds one run for one trainer: two trainers in one work directory would overwrite each other's
+    checkpoints. Another study process is refused; with `wait` (the study's own workers, --jobs) it waits
+    until the first one has finished the run."""
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, "study.lock")
     with open(path, "w", encoding="utf-8") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise SystemExit(f"error: {workdir} is being trained by another study process; give the processes "
                              "different --seeds") from None
@@ -298,8 +321,9 @@ def encoder_workdir(plan: dict, arm: str, seed: int, root: str) -> str:
     return stage_workdir(arm, plan[arm][-1][0], seed, root) if plan[arm] else ""
 
 
-def run_pretraining(s, plan, arm, seed, root, data_path, log) -> str:
-    """Pre-train one arm for one seed (or find it finished); returns its encoder's work directory."""
+def run_pretraining(s, plan, arm, seed, root, data_path, log, wait: bool = False) -> str:
+    """Pre-train one arm for one seed (or find it finished); returns its encoder's work directory.
+    `wait`: for a run another worker is training (the shared stage 1), wait for it instead of refusing."""
     from mmcmae_jax import pretrain
     previous = ""
     for stage, key, steps in plan[arm]:
@@ -307,28 +331,34 @@ def run_pretraining(s, plan, arm, seed, root, data_path, log) -> str:
         workdir = stage_workdir(arm, stage, seed, root)
         done = os.path.join(workdir, "done.json")
         if not os.path.exists(done):
-            # An arm's changes are to its own stage; a shared stage-1 run is M3's as it is.
-            config = pretrain_config(s, stage, key, steps, seed, data_path, {} if shared else ARMS[arm][3])
-            if previous:
-                config.init_from = previous
-            start = time.perf_counter()
-            with run_lock(workdir):
-                result = pretrain.run_stage(config, workdir, f"{arm} seed {seed}")
-            if result.preempted:  # stopped by a signal: not finished, so no done.json; a re-run resumes
-                raise SystemExit(f"{arm} seed {seed} stopped at step {result.step} of {steps}; its checkpoint is "
-                                 f"in {workdir}: run the same command again to resume")
-            with open(done, "w", encoding="utf-8") as f:
-                json.dump({"seconds": time.perf_counter() - start, "losses": final_losses(workdir)}, f)
-            log(f"pre-trained {arm} stage {stage} (seed {seed}): {steps} steps in "
-                f"{time.perf_counter() - start:.0f} s; final losses (value / trivial) "
-                + ", ".join(f"{k} {v:.3f}" for k, v in final_losses(workdir).items()))
+            with run_lock(workdir, wait):
+                if not os.path.exists(done):  # a worker that waited finds it finished
+                    train_stage(s, stage, key, steps, seed, data_path, {} if shared else ARMS[arm][3], previous,
+                                workdir, f"{arm} seed {seed}", log)
         previous = workdir
     return previous
 
 
+def train_stage(s, stage, key, steps, seed, data_path, changes, init_from, workdir, name, log) -> None:
+    from mmcmae_jax import pretrain
+    # An arm's changes are to its own stage; a shared stage-1 run is M3's as it is.
+    config = pretrain_config(s, stage, key, steps, seed, data_path, changes)
+    if init_from:
+        config.init_from = init_from
+    start = time.perf_counter()
+    result = pretrain.run_stage(config, workdir, name)
+    if result.preempted:  # stopped by a signal: not finished, so no done.json; a re-run resumes
+        raise SystemExit(f"{name} stopped at step {result.step} of {steps}; its checkpoint is in {workdir}: run "
+                         "the same command again to resume")
+    with open(os.path.join(workdir, "done.json"), "w", encoding="utf-8") as f:
+        json.dump({"seconds": time.perf_counter() - start, "losses": final_losses(workdir)}, f)
+    log(f"pre-trained {name} stage {stage}: {steps} steps in {time.perf_counter() - start:.0f} s; final losses "
+        "(value / trivial) " + ", ".join(f"{k} {v:.3f}" for k, v in final_losses(workdir).items()))
+
+
 # ------------------------------------------------------------------------------------------ read-outs
 
-def probe_readout(s, encoder_dir: str, seed: int, data: dict) -> dict:
+def probe_readout(s, encoder_dir: str, seed: int, frames: dict) -> dict:
     """Frozen-feature probes of the RGB encoder in `encoder_dir` ("" = a random encoder of `seed`)."""
     from mmcmae_jax.config import model_config
     from mmcmae_jax.data import PROCEDURAL_CLASS_NAMES
@@ -338,7 +368,7 @@ def probe_readout(s, encoder_dir: str, seed: int, data: dict) -> dict:
     model.update(variant=s["variant"], image_size=s["image_size"])
     params = (restore_params(encoder_dir)["rgb_encoder"] if encoder_dir
               else probe.random_encoder_params(model, seed, s["image_size"]))
-    labelled, evaluation = data["frames"]["labelled"], data["frames"]["eval"]
+    labelled, evaluation = frames["labelled"], frames["eval"]
     train_tokens = probe.encoder_tokens(params, model, labelled.rgb)
     eval_tokens = probe.encoder_tokens(params, model, evaluation.rgb)
     hw = evaluation.rgb.shape[1:3]
@@ -409,6 +439,105 @@ def cached(path: str, compute):
     with open(path, "w", encoding="utf-8") as f:
         json.dump(value, f)
     return value
+
+
+# ------------------------------------------------------------------------------------- units of work
+
+def run_arm(s, plan, arm, seed, root, sets, frames, readouts, log, wait=False) -> tuple[str, dict]:
+    """Pre-train one arm for one seed and read it out (or find either finished):
+    (encoder work directory, {read-out: {task: metrics}})."""
+    out_dir = os.path.join(root, f"seed{seed}", "readout", arm)
+    encoder_dir = run_pretraining(s, plan, arm, seed, root, sets["pretrain"], log, wait)
+    results = {"probe": cached(os.path.join(out_dir, "probe.json"),
+                               lambda: probe_readout(s, encoder_dir, seed, frames))}
+    if "finetune" in readouts:
+        name = readout_name("finetune", s)
+        results["finetune"] = cached(os.path.join(out_dir, f"{name}.json"),
+                                     lambda: finetune_readout(s, encoder_dir, seed, sets, os.path.join(out_dir, name)))
+    log(f"{arm} seed {seed}: " + "; ".join(
+        f"{r} " + ", ".join(f"{label} {results[r][t][k]:.3f}" for t, k, label, _ in METRICS) for r in readouts))
+    return encoder_dir, results
+
+
+def unit_order(plan: dict, arms, seeds) -> list:
+    """(seed, arm) in the order they are run: in each seed the shared stage 1 first, as the arms that
+    start from it wait for it (--jobs)."""
+    units = []
+    for seed in seeds:
+        shared = sorted((a for a in arms if plan[a] and ARMS[a][2]), key=lambda a: len(plan[a]))
+        units += [(seed, a) for a in shared[:1] + [a for a in arms if a not in shared] + shared[1:]]
+    return units
+
+
+class StudyLog:
+    """Prints a line and appends it to WORKDIR/study.log, stamped with the seconds since the study
+    started; picklable, so that the workers (--jobs) log to the same file."""
+
+    def __init__(self, path: str, started: float):
+        self.path, self.started = path, started
+
+    def __call__(self, message: str) -> None:
+        line = f"[study {time.time() - self.started:6.0f} s] {message}"
+        print(line, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line + "\n")
+
+
+def use_compilation_cache(directory: str) -> None:
+    """The arms compile the same programs again (every fine-tuning read-out, every seed of one objective):
+    JAX's persistent cache loads them instead. One directory per process: JAX writes an entry in place,
+    without a lock, so a process could read an entry another one is still writing."""
+    import jax
+    os.makedirs(directory, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def quiet_logs() -> None:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+
+
+_WORKER = {}
+
+
+def _start_worker(context: dict) -> None:
+    quiet_logs()
+    use_compilation_cache(os.path.join(context["cache_root"], str(os.getpid())))
+    _WORKER.update(context, frames=None)
+
+
+def _worker_unit(unit: tuple) -> tuple:
+    """One (seed, arm) in a worker process: the read-outs' frames are loaded once, at its first unit."""
+    w = _WORKER
+    if w["frames"] is None:
+        w["frames"] = load_frames({name: w["sets"][name] for name in ("labelled", "eval")}, w["s"])
+    seed, arm = unit
+    return unit + run_arm(w["s"], w["plan"], arm, seed, w["root"], w["sets"], w["frames"], w["readouts"], w["log"],
+                          wait=True)
+
+
+def run_units(units, jobs: int, context: dict):
+    """Yields (seed, arm, encoder work directory, read-outs) as the units finish: in this process, or in
+    `jobs` worker processes (spawned: JAX does not survive a fork)."""
+    if jobs == 1:
+        for seed, arm in units:
+            yield (seed, arm) + run_arm(context["s"], context["plan"], arm, seed, context["root"], context["sets"],
+                                        context["frames"], context["readouts"], context["log"])
+        return
+    import concurrent.futures
+    import multiprocessing
+    worker_context = {k: v for k, v in context.items() if k != "frames"}
+    with concurrent.futures.ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"),
+                                                initializer=_start_worker, initargs=(worker_context,)) as pool:
+        futures = [pool.submit(_worker_unit, unit) for unit in units]
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                yield future.result()
+        except BaseException:
+            for future in futures:  # the units not started yet; the running ones finish (or resume later)
+                future.cancel()
+            raise
 
 
 # ----------------------------------------------------------------------------------------- the report
@@ -522,68 +651,72 @@ def main():
                         help="M3's steps per stage, which set every arm's pre-training compute (default %(default)s)")
     parser.add_argument("--finetune-steps", type=int, default=FINETUNE_STEPS,
                         help="the fine-tuning read-out's steps (default %(default)s); each length is kept apart")
+    parser.add_argument("--variant", default=VARIANT, help="the ViT of every arm, width x depth x heads / patch "
+                        "(default %(default)s)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="the batch of every stage and read-out "
+                        "(default %(default)s)")
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes that pre-train and read out "
+                        "arm-seeds side by side (default %(default)s)")
     parser.add_argument("--report-only", action="store_true", help="train nothing: the report of the runs "
                         "already read out (while others are still training, or after some were stopped)")
     parser.add_argument("--describe-data", action="store_true", help="print the sets' class shares and the "
                         "image-blind predictor, then stop")
     args = parser.parse_args()
-    for flag in ("stage_steps", "finetune_steps"):
+    for flag in ("stage_steps", "finetune_steps", "batch", "jobs"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    s = settings(args.mode, args.stage_steps, args.finetune_steps)
+    from mmcmae_jax.models.vit import parse_variant
+    try:
+        parse_variant(args.variant)
+    except ValueError as err:
+        parser.error(f"--variant: {err}")
+    s = settings(args.mode, args.stage_steps, args.finetune_steps, args.variant, args.batch)
     arms = tuple(args.arms or MODE_ARMS[args.mode])
     seeds = tuple(args.seeds or ((0, 1) if args.mode == "smoke" else (0, 1, 2)))
     readouts = ("probe",) if args.no_finetune or args.mode == "quick" else READOUTS
     os.makedirs(args.workdir, exist_ok=True)
     claim_workdir(args.workdir, s)
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every file it writes at INFO
+    quiet_logs()
+    import tempfile
+    with tempfile.TemporaryDirectory(prefix="pretraining_study_xla_") as cache_root:
+        use_compilation_cache(os.path.join(cache_root, "main"))
+        return study(args, s, arms, seeds, readouts, cache_root)
 
-    started = time.perf_counter()
-    log_path = os.path.join(args.workdir, "study.log")
 
-    def log(message):
-        line = f"[study {time.perf_counter() - started:6.0f} s] {message}"
-        print(line, flush=True)
-        with open(log_path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
-
+def study(args, s: dict, arms, seeds, readouts, cache_root: str) -> int:
+    started = time.time()
+    log = StudyLog(os.path.join(args.workdir, "study.log"), started)
     sets = make_data(args.workdir, s)
     data = describe_data(sets, s, log)
     if args.describe_data:
         return 0
-    flops = step_flops(s, arms)
+    flops = step_flops(s, arms, os.path.join(args.workdir, "flops.json"))
     plan, budget = pretrain_plan(s, flops, arms)
     log(f"budget {budget / 1e12:.2f} TFLOPs per arm; plan " + "; ".join(
         f"{a}: {' + '.join(str(n) for _, _, n in p) or 0} steps" for a, p in plan.items()))
 
-    results, pretrain_log = {}, {}
-    for seed in seeds:
-        results[str(seed)] = {}
-        for arm in arms:
+    results, pretrain_log = {str(seed): {} for seed in seeds}, {}
+    units = unit_order(plan, arms, seeds)
+    if args.report_only:
+        finished = []
+        for seed, arm in units:
             out_dir = os.path.join(args.workdir, f"seed{seed}", "readout", arm)
-            if args.report_only:
-                if not all(os.path.exists(os.path.join(out_dir, f"{readout_name(r, s)}.json")) for r in readouts):
-                    log(f"{arm} seed {seed}: not read out yet, left out of the report")
-                    continue
-                encoder_dir = encoder_workdir(plan, arm, seed, args.workdir)
+            if all(os.path.exists(os.path.join(out_dir, f"{readout_name(r, s)}.json")) for r in readouts):
+                finished.append((seed, arm, encoder_workdir(plan, arm, seed, args.workdir),
+                                 {r: cached(os.path.join(out_dir, f"{readout_name(r, s)}.json"), None)
+                                  for r in readouts}))
             else:
-                encoder_dir = run_pretraining(s, plan, arm, seed, args.workdir, sets["pretrain"], log)
-            if seed == seeds[0] and encoder_dir:
-                pretrain_log[arm] = final_losses(encoder_dir)
-            arm_results = {"probe": cached(os.path.join(out_dir, "probe.json"),
-                                           lambda: probe_readout(s, encoder_dir, seed, data))}
-            if "finetune" in readouts:
-                name = readout_name("finetune", s)
-                arm_results["finetune"] = cached(os.path.join(out_dir, f"{name}.json"), lambda: finetune_readout(
-                    s, encoder_dir, seed, sets, os.path.join(out_dir, name)))
-            results[str(seed)][arm] = arm_results
-            log(f"{arm} seed {seed}: " + "; ".join(
-                f"{r} " + ", ".join(f"{label} {arm_results[r][t][k]:.3f}" for t, k, label, _ in METRICS)
-                for r in readouts))
+                log(f"{arm} seed {seed}: not read out yet, left out of the report")
+    else:
+        finished = run_units(units, args.jobs, dict(s=s, plan=plan, root=args.workdir, sets=sets, frames=data["frames"],
+                                                    readouts=readouts, log=log, cache_root=cache_root))
+    for seed, arm, encoder_dir, arm_results in finished:
+        results[str(seed)][arm] = arm_results
+        if seed == seeds[0] and encoder_dir:
+            pretrain_log[arm] = final_losses(encoder_dir)
 
     text = report(results, data["blind"], arms, readouts, seeds, plan, flops, pretrain_log, s)
-    total = time.perf_counter() - started
+    total = time.time() - started
     text = ("Report of the finished runs (--report-only).\n\n" if args.report_only
             else f"Total wall time {total / 60:.1f} min.\n\n") + text
     with open(os.path.join(args.workdir, "results.md"), "w", encoding="utf-8") as f:

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,39 @@ def test_study_never_records_a_preempted_run_as_finished_nor_trains_one_run_twic
                 pass
     with study.run_lock(run):  # released when the first one ends
         pass
+    # The study's own workers (--jobs) wait for a run another worker trains, then find it finished.
+    entered = threading.Event()
+
+    def second_worker():
+        with study.run_lock(run, wait=True):
+            entered.set()
+    with study.run_lock(run, wait=True):
+        waiting = threading.Thread(target=second_worker)
+        waiting.start()
+        assert not entered.wait(0.5)
+    assert entered.wait(10)
+    waiting.join()
+
+
+def test_study_keeps_its_flop_counts_and_counts_only_the_missing_ones(tmp_path):
+    import pretraining_study as study
+    path = tmp_path / "flops.json"
+    path.write_text(json.dumps({"stage1": 3.0, "m3": 2.0, "mae": 1.0}))
+    s = study.settings("smoke")
+    assert study.step_flops(s, ("scratch", "mae", "m3"), str(path)) == {"stage1": 3.0, "m3": 2.0, "mae": 1.0}
+    counted = study.step_flops(s, ("mask3d",), str(path))  # counts mask3d, keeps the others
+    assert counted["stage1"] == 3.0 and counted["mask3d"] > 0
+    assert json.loads(path.read_text()) == {"stage1": 3.0, "m3": 2.0, "mae": 1.0, "mask3d": counted["mask3d"]}
+
+
+def test_study_runs_each_seeds_shared_stage1_before_the_arms_that_wait_for_it():
+    import pretraining_study as study
+    plan, _ = study.pretrain_plan(study.settings("smoke"), {"stage1": 2.0, "m3": 1.0, "m3_recon_only": 1.0, "mae": 1.0},
+                                  ("scratch", "mae", "recon", "m3", "stage1"))
+    assert study.unit_order(plan, ("scratch", "mae", "recon", "m3", "stage1"), (0, 1)) == [
+        (0, "stage1"), (0, "scratch"), (0, "mae"), (0, "recon"), (0, "m3"),
+        (1, "stage1"), (1, "scratch"), (1, "mae"), (1, "recon"), (1, "m3")]
+    assert study.unit_order(plan, ("recon", "mae"), (0,)) == [(0, "recon"), (0, "mae")]
 
 
 def test_study_arm_changes_reach_its_own_stage_only(tmp_path, monkeypatch):
@@ -270,13 +304,18 @@ def test_profile_step_splits_the_step_into_its_parts():
 
 @pytest.mark.slow
 def test_study_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """Two worker processes (--jobs 2), where recon waits for the stage 1 that m3 trains; then a re-run
+    in one process finds everything finished and reports the same."""
+    arms = ["--arms", "scratch", "mae", "m3", "recon", "--no-finetune"]
     out = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "pretraining_study.py"), "--workdir",
-                          str(tmp_path), "--mode", "smoke", "--arms", "scratch", "mae", "--no-finetune"],
+                          str(tmp_path), "--mode", "smoke", "--jobs", "2"] + arms,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("pre-trained m3 seed 0 stage 1") == 1 and "pre-trained recon seed 0 stage 1" not in out.stdout
     results = json.loads((tmp_path / "results.json").read_text())
+    assert json.loads((tmp_path / "flops.json").read_text()).keys() == {"stage1", "m3", "mae", "m3_recon_only"}
     for seed in ("0", "1"):
-        for arm in ("scratch", "mae"):
+        for arm in ("scratch", "mae", "m3", "recon"):
             probe = results["results"][seed][arm]["probe"]
             assert 0.0 <= probe["depth"]["delta1"] <= 1.0 and 0.0 <= probe["segmentation"]["miou"] <= 1.0
     assert results["plan"]["scratch"] == [] and results["plan"]["mae"][0][:2] == [2, "mae"]
@@ -286,7 +325,7 @@ def test_study_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert "class shares" in out.stdout and "image-blind predictor" in out.stdout
     # Re-running finds every run finished: nothing is trained again.
     again = subprocess.run([sys.executable, os.path.join(BENCHMARKS, "pretraining_study.py"), "--workdir",
-                            str(tmp_path), "--mode", "smoke", "--arms", "scratch", "mae", "--no-finetune"],
+                            str(tmp_path), "--mode", "smoke"] + arms,
                            capture_output=True, text=True, timeout=900)
     assert again.returncode == 0 and "pre-trained" not in again.stdout, again.stdout[-2000:]
     assert (tmp_path / "results.md").read_text().split("\n", 1)[1] == report.split("\n", 1)[1]

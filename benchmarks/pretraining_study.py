@@ -324,7 +324,6 @@ def encoder_workdir(plan: dict, arm: str, seed: int, root: str) -> str:
 def run_pretraining(s, plan, arm, seed, root, data_path, log, wait: bool = False) -> str:
     """Pre-train one arm for one seed (or find it finished); returns its encoder's work directory.
     `wait`: for a run another worker is training (the shared stage 1), wait for it instead of refusing."""
-    from mmcmae_jax import pretrain
     previous = ""
     for stage, key, steps in plan[arm]:
         shared = stage == 1 and ARMS[arm][2]

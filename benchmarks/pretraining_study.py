@@ -18,7 +18,7 @@ Arms (`--arms`; ARMS below): scratch; the baselines MAE, MultiMAE-style, Mask3D-
 contrastive stage alone, each at M3's compute (XLA-counted train FLOPs of its two stages); and, on top
 of one shared stage-1 run per seed, M3's stage-2 variants (the paper's ablation): reconstruction only,
 + distillation, + denoising, both (M3), noise without its loss, and the design choices (teacher on the
-visible patches, log-normal σ, σ up to 3, norm-pix targets for the baselines).
+visible patches, log-normal σ, σ up to 3, norm-pix targets for the baselines and for M3's depth).
 
 Read-outs, the same recipe for every arm: (a) linear probes on the frozen RGB encoder's final patch
 tokens (transfer/probe.py: deterministic, so the spread is the encoder's); (b) fine-tuning of the whole
@@ -44,10 +44,10 @@ MultiMAE-style also on object mIoU), and with them both beat M3 on mIoU. Fine-tu
 800 improve nothing), the contrastive stage and MAE with norm-pix targets beat scratch on four of six
 metrics (plain MAE on two), M3 on the three depth metrics only; every step of M3's ablation is within noise,
 the contrastive stage beats M3 on segmentation, Mask3D-style pre-training is worse than none on
-segmentation, and no design choice (teacher on the visible patches, log-normal σ, σ up to 3, negatives at
-the same position only) moves a metric beyond noise. Time on the 2-core CPU: about 26 min a seed for the
-quick mode's three arms on an idle machine; the fine-tuning read-out about 8 min an arm and seed, two
-running in parallel.
+segmentation, and no design choice (teacher on the visible patches, log-normal σ, σ up to 3, norm-pix depth
+targets, negatives at the same position only) moves a metric beyond noise. Time on the 2-core CPU: about 26
+min a seed for the quick mode's three arms on an idle machine; the fine-tuning read-out about 8 min an arm
+and seed, two running in parallel.
 
 `--jobs 2` pre-trains and reads out two arm-seeds at a time in worker processes; an arm that starts from
 the shared stage 1 waits for the worker that trains it. Separate processes may also share a work
@@ -98,6 +98,7 @@ ARMS = {
                            {"distill_teacher_input": "visible"}),
     "m3_lognormal_sigma": ("M3, log-normal σ", "m3", True, {"sigma_distribution": "lognormal"}),
     "m3_sigma_max3": ("M3, σ up to 3 (uniform)", "m3", True, {"sigma_max": 3.0}),
+    "m3_norm_pix": ("M3, per-patch normalised depth targets", "m3", True, {"norm_pix_targets": True}),
     "mae_norm_pix": ("MAE with norm-pix targets; equal compute", "mae_norm_pix", False, {}),
     "multimae_norm_pix": ("MultiMAE-style with norm-pix targets; equal compute", "multimae_norm_pix", False, {}),
 }
@@ -130,6 +131,7 @@ CLAIMS = (
     ("stage1_position", "stage1", "negatives at the same position only beat the whole batch's (stage 1)"),
     ("m3_lognormal_sigma", "m3", "log-normal σ beats uniform σ"),
     ("m3_sigma_max3", "m3", "σ up to 3 beats σ up to 1"),
+    ("m3_norm_pix", "m3", "norm-pix depth targets help M3"),
     ("mae_norm_pix", "mae", "norm-pix targets help MAE"),
     ("m3", "mae_norm_pix", "M3 beats MAE with norm-pix targets (its published setting)"),
     ("m3", "multimae_norm_pix", "M3 beats MultiMAE-style with norm-pix targets (its published setting)"),

@@ -166,15 +166,18 @@ def test_study_arm_changes_reach_its_own_stage_only(tmp_path, monkeypatch):
         seen[os.path.relpath(workdir, tmp_path)] = config
         return TrainResult(config.total_steps, {}, [], preempted=False)
     monkeypatch.setattr(pretrain, "run_stage", run_stage)
-    plan, _ = study.pretrain_plan(s, {"stage1": 2.0, "m3": 1.0}, ("stage1_position", "m3_teacher_visible"))
+    arms = ("stage1_position", "m3_teacher_visible", "m3_norm_pix")
+    plan, _ = study.pretrain_plan(s, {"stage1": 2.0, "m3": 1.0}, arms)
     assert plan["stage1_position"] == [(1, "", s["stage1_steps"])]
-    for arm in ("stage1_position", "m3_teacher_visible"):
+    for arm in arms:
         study.run_pretraining(s, plan, arm, 0, str(tmp_path), "", print)
-    own, shared, stage2 = (seen[os.path.join("seed0", "pretrain", name)]
-                           for name in ("stage1_position", "stage1", "m3_teacher_visible"))
+    own, shared, stage2, norm_pix = (seen[os.path.join("seed0", "pretrain", name)]
+                                     for name in ("stage1_position", "stage1") + arms[1:])
     assert own.objective.negatives == "position" and shared.objective.negatives == "batch"
-    assert shared.objective.distill_teacher_input == "full"
+    assert shared.objective.distill_teacher_input == "full" and not shared.objective.norm_pix_targets
     assert stage2.objective.distill_teacher_input == "visible" and stage2.init_from.endswith("stage1")
+    assert norm_pix.objective.norm_pix_targets and not stage2.objective.norm_pix_targets
+    assert norm_pix.objective.weights.denoise > 0 and norm_pix.init_from.endswith("stage1")  # M3 otherwise
 
 
 def test_study_verdict_needs_three_spreads_and_respects_each_metrics_direction():

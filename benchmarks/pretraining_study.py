@@ -58,7 +58,8 @@ Every run is a work directory under WORKDIR; re-running skips what is finished a
 (the trainer resumes from its checkpoints). `--report-only` trains nothing and reports the runs read
 out so far: each arm over the seeds it has finished, each claim over the seeds both arms have. WORKDIR
 keeps the settings it was made with and refuses others. The report goes to WORKDIR/results.md and
-results.json.
+results.json and covers the command's arms only: after a run of a few arms, `--report-only` (all arms of
+the mode, or `--arms ...`) reports them together with the others read out there.
 """
 from __future__ import annotations
 

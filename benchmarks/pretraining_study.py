@@ -45,10 +45,10 @@ MultiMAE-style also on object mIoU), and with them both beat M3 on mIoU. Fine-tu
 metrics (plain MAE on two), M3 on the three depth metrics only; every step of M3's ablation is within noise,
 the contrastive stage beats M3 on segmentation, Mask3D-style pre-training is worse than none on
 segmentation, and no design choice (teacher on the visible patches, log-normal σ, σ up to 3, norm-pix depth
-targets, negatives at the same position only) moves a metric beyond noise. At twice the compute (`--stage-steps 1200`)
-M3's stage 2 still adds nothing beyond noise to its stage 1; fine-tuned, M3 is within noise of the
-contrastive stage and of MAE with norm-pix targets, and beats scratch on five of six metrics. Time on the 2-core CPU: about 26
-min a seed for the quick mode's three arms on an idle machine; the fine-tuning read-out about 8 min an arm
+targets, negatives at the same position only) moves a metric beyond noise. At twice the
+compute (`--stage-steps 1200`) M3's stage 2 still adds nothing beyond noise to its stage 1; fine-tuned,
+M3 is within noise of the contrastive stage and of MAE with norm-pix targets, and beats scratch on five
+of six metrics. Time on the 2-core CPU: about 26 min a seed for the quick mode's three arms on an idle machine; the fine-tuning read-out about 8 min an arm
 and seed, two running in parallel.
 
 `--jobs 2` pre-trains and reads out two arm-seeds at a time in worker processes; an arm that starts from
